@@ -1,0 +1,32 @@
+# The two commands a user needs: `make demo` and `make test`. Each sets up .venv by itself.
+# torch is pinned to the CPU wheel (2.13.0); an unpinned torch would pull a multi-GB CUDA build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+
+.PHONY: demo test bench setup clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	# torch first, from the pin, so nothing below can resolve a CUDA build
+	$(BIN)/pip install -q torch==2.13.0 -c constraints.txt
+	# deepspeed builds from source and imports torch at build time: build it against ours
+	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8 -c constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/raygpt demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
