@@ -69,4 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m pipelines.cli` runs this file as __main__; call the importable module's main so
+    # handlers' `pipelines.cli.UserError` is the class caught above (else user errors show tracebacks)
+    from pipelines.cli import main as _main
+
+    sys.exit(_main())
