@@ -1,0 +1,429 @@
+"""The main job: raw text -> cleaned tokens -> pretrained + fine-tuned GPT -> summaries, articles, an API.
+
+    make demo                       # = raygpt demo (offline, local Ray, about 10 minutes on 2 cores)
+    raygpt demo --corpus URI        # the same on your own text (JSONL with `text`, or .txt files)
+    raygpt demo out=runs/demo2 pretrain_steps=100     # DemoConfig overrides
+
+Stages, each the real engine: (1) corpus: the Python standard library's own documentation
+(pydoc topics + docstrings; `pipelines.stdlib_corpus`), no download; (2) Ray Data prep of the
+pretraining set (BPE tokenizer trained on it) and of the SFT set (docstring body -> its first
+line); (3) Ray Train + DeepSpeed pretraining, then SFT from that checkpoint; (4) Ray Data batch
+generation of summaries for held-out docstrings (ROUGE vs the lead baseline) and of a few
+articles from titles; (5) a Ray Serve OpenAI-compatible endpoint asked one question by the
+official `openai` client, then stopped; (6) a Markdown report with PNGs, and where every artefact is.
+Does not: tune anything; the model is tiny and the numbers show the pipeline works, not a good model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import ConfigError
+
+SUMMARY_PROMPT = "{article}\n\nSummary: "
+ARTICLE_PROMPT = "{title}\n\n"
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"  # every artefact goes under this directory
+    corpus: str | None = None  # None: the standard library's documentation; else a path/glob/URL of your text
+    text_field: str = "text"  # JSONL field of your corpus
+    vocab_size: int = 4096  # BPE vocabulary trained on the corpus
+    block_size: int = 256  # context length of the model and the token windows
+    preset: str = "tiny"  # gptcore preset (n_layer 4, n_head 4, n_embd 128)
+    pretrain_steps: int = 600
+    sft_steps: int = 300
+    micro_batch_size: int = 16
+    num_workers: int = 1  # Ray Train workers (2 = DeepSpeed data parallel over both cores)
+    zero_stage: int = 1
+    precision: str = "bf16"  # bf16 autocast on CPUs that support it; fp32 elsewhere
+    max_new_tokens: int = 40
+    generate_limit: int = 64  # held-out summaries to generate
+    articles: int = 4  # articles from titles to generate
+    serve: bool = True  # start the endpoint and ask it one question
+    overwrite: bool = False  # rebuild stages whose outputs exist
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        errs = []
+        for f in ("vocab_size", "block_size", "pretrain_steps", "sft_steps", "micro_batch_size", "num_workers",
+                  "max_new_tokens", "generate_limit"):
+            if getattr(self, f) < 1:
+                errs.append(f"{f}: must be >= 1, got {getattr(self, f)!r}")
+        if self.vocab_size < 300:
+            errs.append(f"vocab_size: must be >= 300 for a byte-level BPE, got {self.vocab_size}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            errs.append(f"zero_stage: must be 0-3, got {self.zero_stage!r}")
+        if errs:
+            raise ConfigError("invalid demo config:\n  - " + "\n  - ".join(errs))
+
+
+def _say(stage: str, msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {stage}: {msg}", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- 1. corpus --------------------------------------------------------------------------------
+
+def _user_corpus(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    """Your text -> docs.jsonl + summary pairs (first sentence of a paragraph-rich document vs its rest)."""
+    import fsspec
+
+    from pipelines.stdlib_corpus import _held_out
+
+    files = sorted(fsspec.open_files(cfg.corpus, mode="rb", compression="infer"), key=lambda f: f.path)
+    if not files:
+        raise ConfigError(f"corpus: no file matches {cfg.corpus!r}; pass a path, glob or URL of .txt/.jsonl files")
+    docs, train, held, titles = [], [], [], []
+    for f in files:
+        with f as fh:
+            raw = fh.read().decode("utf-8", errors="replace")
+        if f.path.endswith((".jsonl", ".json", ".ndjson")):
+            texts = [json.loads(line).get(cfg.text_field, "") for line in raw.splitlines() if line.strip()]
+        else:
+            texts = [raw]
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or len(text) < 200:
+                continue
+            doc_id = f"{Path(f.path).name}#{i}"
+            docs.append({"id": doc_id, "text": text, "source": f.path})
+            head, _, body = text.strip().partition("\n\n")
+            first = re.split(r"(?<=[.!?])\s", " ".join(head.split()), maxsplit=1)[0]
+            if 20 <= len(first) <= 200 and len(body) >= 150:
+                pair = {"id": doc_id, "article": body.strip(), "summary": first}
+                (held if _held_out(doc_id, 0.05) else train).append(pair)
+                if _held_out(doc_id, 0.05) and len(titles) < 50:
+                    titles.append({"id": doc_id, "title": first, "article": body.strip()})
+    if not docs or not train:
+        raise ConfigError(f"corpus {cfg.corpus!r}: found {len(docs)} documents of >= 200 chars and {len(train)} "
+                          "(first sentence, rest) pairs; the demo needs both (multi-paragraph documents)")
+    if not held:
+        held = train[-max(1, len(train) // 20):]
+        train = train[: len(train) - len(held)]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("docs.jsonl", docs), ("summaries-train.jsonl", train),
+                       ("summaries-heldout.jsonl", held), ("titles-heldout.jsonl", titles or held[:5])):
+        with open(out / name, "w", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps(r if name != "titles-heldout.jsonl" or "title" in r else
+                                    {"id": r["id"], "title": r["summary"], "article": r["article"]},
+                                    ensure_ascii=False) + "\n")
+    return {"dir": str(out), "docs": len(docs), "summary_pairs_train": len(train),
+            "summary_pairs_heldout": len(held), "source": cfg.corpus}
+
+
+# ---- the stages -------------------------------------------------------------------------------
+
+def _prep(cfg: DemoConfig, corpus: Path, data: Path) -> tuple[dict, dict]:
+    from pipelines.config import from_dict
+    from pipelines.data import run as prep_run
+    from pipelines.data.config import PrepConfig
+
+    pre = from_dict(PrepConfig, {
+        "name": "demo-pretrain", "output": str(data / "pretrain"), "kind": "pretrain",
+        "inputs": [{"path": str(corpus / "docs.jsonl"), "format": "jsonl", "text_field": "text"}],
+        "steps": [{"name": "fix_text"}, {"name": "normalize_whitespace"}, {"name": "pii_redact"},
+                  {"name": "min_length", "params": {"min_chars": 100}}, {"name": "exact_dedup"},
+                  {"name": "fuzzy_dedup"}],
+        "tokenizer": {"kind": "bpe", "vocab_size": cfg.vocab_size},
+        "pack": {"block_size": cfg.block_size, "val_fraction": 0.05},
+        "overwrite": cfg.overwrite, "progress": False,
+    })
+    _say("prep", f"cleaning, deduplicating and tokenizing {corpus / 'docs.jsonl'} -> {pre.output}")
+    m_pre = prep_run(pre)
+    sft = from_dict(PrepConfig, {
+        "name": "demo-sft-summaries", "output": str(data / "sft"), "kind": "sft",
+        "inputs": [{"path": str(corpus / "summaries-train.jsonl"), "format": "jsonl", "text_field": "article",
+                    "fields": ["article", "summary"]}],
+        "steps": [{"name": "exact_dedup"}],
+        "tokenizer": {"kind": "load", "path": str(data / "pretrain" / "tokenizer.json")},
+        "sft": {"prompt_template": SUMMARY_PROMPT, "completion_template": "{summary}<|endoftext|>",
+                "mode": "pad", "truncate": "prompt"},
+        "pack": {"block_size": cfg.block_size, "val_fraction": 0.05},
+        "overwrite": cfg.overwrite, "progress": False,
+    })
+    _say("prep", f"rendering SFT pairs (docstring body -> first line) -> {sft.output}")
+    m_sft = prep_run(sft)
+    return m_pre, m_sft
+
+
+def _train(cfg: DemoConfig, name: str, data: Path, run_dir: Path, steps: int, init_path: Path | None):
+    from pipelines.config import from_dict
+    from pipelines.train import run as train_run
+    from pipelines.train.config import TrainConfig
+
+    done = run_dir / "result.json"
+    if done.exists() and not cfg.overwrite:
+        r = json.loads(done.read_text())
+        if Path(r["last_checkpoint"]).is_dir():
+            _say(name, f"reusing the finished run in {run_dir} (overwrite=true to retrain)")
+            return r
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    tc = from_dict(TrainConfig, {
+        "name": f"demo-{name}", "data": str(data), "run_dir": str(run_dir),
+        "model": {"preset": cfg.preset, "block_size": cfg.block_size, "dropout": 0.0},
+        "init": "raygpt" if init_path else "scratch", "init_path": str(init_path) if init_path else None,
+        "optim": {"lr": 1e-3 if not init_path else 3e-4, "min_lr": 1e-4 if not init_path else 3e-5,
+                  "warmup_steps": min(50, steps // 10), "weight_decay": 0.1 if not init_path else 0.0},
+        "batch": {"micro_batch_size": cfg.micro_batch_size},
+        "max_steps": steps, "eval_interval": max(steps // 4, 1), "eval_iters": 4,
+        "ckpt_interval": max(steps // 2, 1), "keep_last_k": 1, "zero_stage": cfg.zero_stage,
+        "precision": cfg.precision, "num_workers": cfg.num_workers, "seed": cfg.seed,
+        "sft": bool(init_path),
+    })
+    _say(name, f"{steps} steps of {cfg.preset} (block {cfg.block_size}) on {data.name}, "
+               f"{cfg.num_workers} worker(s), ZeRO-{cfg.zero_stage}, {cfg.precision} -> {run_dir}")
+    res = train_run(tc)
+    r = {"run_dir": str(res.run_dir), "steps": res.steps, "final_loss": res.final_loss,
+         "final_val_loss": res.final_val_loss, "best_val_loss": res.best_val_loss,
+         "last_checkpoint": str(res.last_checkpoint), "wall_s": res.wall_s}
+    done.write_text(json.dumps(r, indent=2))
+    _say(name, f"done in {res.wall_s:.0f} s: train loss {res.final_loss}, val loss {res.final_val_loss}")
+    return r
+
+
+def _generate(cfg: DemoConfig, sft_ckpt: str, base_ckpt: str, corpus: Path, gen: Path) -> dict[str, Any]:
+    """Summaries from the fine-tuned model; articles from the pretrained one (SFT taught it to be brief)."""
+    from pipelines.config import from_dict
+    from pipelines.generate.config import GenerateConfig
+    from pipelines.generate.pipeline import run as gen_run
+
+    out = {}
+    jobs = {
+        "summaries": dict(input=str(corpus / "summaries-heldout.jsonl"), task="summarize", template=SUMMARY_PROMPT,
+                          limit=cfg.generate_limit, keep_columns=["summary"],
+                          sampling={"max_new_tokens": cfg.max_new_tokens, "temperature": 0.0,
+                                    "no_repeat_ngram_size": 3, "stop": ["\n"], "truncate": "left"}),
+        "articles": dict(input=str(corpus / "titles-heldout.jsonl"), task="article", template=ARTICLE_PROMPT,
+                         limit=cfg.articles, keep_columns=["title"],
+                         sampling={"max_new_tokens": 3 * cfg.max_new_tokens, "temperature": 0.8, "top_p": 0.95,
+                                   "repetition_penalty": 1.1, "truncate": "left"}),
+    }
+    for name, job in jobs.items():
+        ckpt = sft_ckpt if name == "summaries" else base_ckpt
+        gc = from_dict(GenerateConfig, {"checkpoint": ckpt, "output": str(gen / name), "batch_size": 16,
+                                        "overwrite": True, "seed": cfg.seed, **job})
+        _say("generate", f"{name}: {job['input']} -> {gc.output}")
+        out[name] = gen_run(gc)
+    return out
+
+
+def _serve_once(ckpt: str) -> dict[str, Any]:
+    """Start the Serve app on a free loopback port, ask one question with the openai client, stop it."""
+    import openai
+    from ray import serve
+
+    from pipelines.serve.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app_name = "raygpt-demo"
+    serve.run(build_app({"checkpoint": str(Path(ckpt).resolve()), "model_name": "raygpt-demo",
+                         "num_cpus": 0.5}), name=app_name, route_prefix="/", blocking=False)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=2, timeout=120)
+    prompt = ("Return the number of items in a container. The argument may be a sequence or a collection."
+              + "\n\nSummary: ")
+    deadline = time.time() + 120
+    while True:
+        try:
+            resp = client.completions.create(model="raygpt-demo", prompt=prompt, max_tokens=24, temperature=0,
+                                             stop=["\n"])
+            break
+        except (openai.APIConnectionError, openai.NotFoundError, openai.InternalServerError):
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+    result = {"url": f"http://127.0.0.1:{port}/v1", "prompt": prompt, "completion": resp.choices[0].text,
+              "usage": resp.usage.model_dump() if resp.usage else None}
+    serve.delete(app_name)
+    serve.shutdown()
+    return result
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+def _report(cfg: DemoConfig, out: Path, info: dict[str, Any]) -> Path:
+    from pipelines.generate.eval import evaluate_summaries, load_generated, load_references, markdown_table
+
+    rep = out / "report"
+    rep.mkdir(parents=True, exist_ok=True)
+    # PNGs next to the report so it renders anywhere
+    pics = {}
+    for label, src in (("data_doc_lengths", out / "data/pretrain/doc_lengths.png"),
+                       ("data_drops", out / "data/pretrain/drops.png"),
+                       ("loss_pretrain", Path(info["pretrain"]["run_dir"]) / "loss_curve.png"),
+                       ("loss_sft", Path(info["sft"]["run_dir"]) / "loss_curve.png")):
+        if src.exists():
+            shutil.copyfile(src, rep / f"{label}.png")
+            pics[label] = f"{label}.png"
+    gen, _ = load_generated(str(out / "generate/summaries"))
+    refs = load_references(str(info["corpus"]["dir"]) + "/summaries-heldout.jsonl")
+    refs = {k: v for k, v in refs.items() if k in gen}
+    rouge = evaluate_summaries(gen, refs, name="raygpt (SFT)", lead=1)
+    rouge_md = markdown_table({"stdlib docstrings (held out)": rouge})
+    _rouge_png(rouge, rep / "rouge.png")
+    samples = []
+    for k in sorted(gen)[:5]:
+        samples.append(f"| `{k}` | {_cell(refs[k]['article'], 160)} | {_cell(refs[k]['references'][0])} | "
+                       f"{_cell(gen[k])} |")
+    arts, _ = load_generated(str(out / "generate/articles"))
+    m = info["data_pretrain"]
+    lines = [
+        "# raygpt demo report", "",
+        f"Corpus: {info['corpus'].get('source') or 'Python ' + info['corpus'].get('python', '') + ' standard-library documentation'}"
+        f" ({info['corpus']['docs']} documents). Wall time {info['wall_s']:.0f} s.", "",
+        "## Data", "",
+        f"Pretraining set `{m.get('root')}`: tokenizer `{str(m.get('tokenizer_id'))[:12]}` "
+        f"(vocab {m.get('vocab_size')}), train tokens {m['splits']['train']['tokens']:,}, "
+        f"val tokens {m['splits'].get('val', {}).get('tokens', 0):,}. Data card: `{m.get('root')}/data_card.md`.", "",
+    ]
+    lines += [f"![{k}]({v})" for k, v in pics.items() if k.startswith("data")]
+    lines += ["", "## Training", "",
+              "| run | steps | final train loss | final val loss | wall s |", "| --- | ---: | ---: | ---: | ---: |"]
+    for k in ("pretrain", "sft"):
+        r = info[k]
+        lines.append(f"| {k} | {r['steps']} | {_num(r['final_loss'])} | {_num(r['final_val_loss'])} | {r['wall_s']:.0f} |")
+    lines += [""] + [f"![{k}]({v})" for k, v in pics.items() if k.startswith("loss")]
+    lines += ["", "## Summaries of held-out docstrings (ROUGE F1 x100)", "", rouge_md, "", "![rouge](rouge.png)", "",
+              "| id | article (start) | reference | generated |", "| --- | --- | --- | --- |", *samples, "",
+              "## Articles from titles", ""]
+    for k in sorted(arts)[: cfg.articles]:
+        lines += [f"**{k}**", "", "> " + _cell(arts[k], 600), ""]
+    if info.get("serve"):
+        s = info["serve"]
+        lines += ["## Serve", "", f"`POST {s['url']}/completions` answered: `{_cell(s['completion'])}` "
+                  f"(usage {s['usage']}).", ""]
+    lines += ["## Artefacts", ""] + [f"- {k}: `{v}`" for k, v in info["artefacts"].items()]
+    (rep / "report.md").write_text("\n".join(lines) + "\n")
+    info["rouge"] = rouge
+    return rep / "report.md"
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _cell(s: str, n: int = 120) -> str:
+    s = " ".join(str(s).split()).replace("|", "\\|")
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _rouge_png(rouge: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(rouge["systems"])
+    metrics = ["rouge1", "rouge2", "rougeL"]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    w = 0.8 / max(len(systems), 1)
+    for i, s in enumerate(systems):
+        ax.bar([j + i * w for j in range(3)], [rouge["systems"][s][m] for m in metrics], width=w, label=s)
+    ax.set_xticks([j + w * (len(systems) - 1) / 2 for j in range(3)], ["ROUGE-1", "ROUGE-2", "ROUGE-L"])
+    ax.set_ylabel("F1 x100")
+    ax.set_title(f"held-out summaries (n={rouge['n']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---- run --------------------------------------------------------------------------------------
+
+def run(cfg: DemoConfig) -> dict[str, Any]:
+    import ray
+
+    t0 = time.time()
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    info: dict[str, Any] = {}
+    _say("corpus", "building" + (f" from {cfg.corpus}" if cfg.corpus else
+                                 " the embedded default: the Python standard library's documentation"))
+    if cfg.corpus:
+        info["corpus"] = _user_corpus(cfg, out / "corpus")
+    else:
+        from pipelines.stdlib_corpus import build
+
+        info["corpus"] = build(out / "corpus")
+    _say("corpus", f"{info['corpus']['docs']} documents, {info['corpus']['summary_pairs_train']} summary pairs "
+                   f"for SFT, {info['corpus']['summary_pairs_heldout']} held out")
+    corpus = Path(info["corpus"]["dir"])
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    info["data_pretrain"], info["data_sft"] = _prep(cfg, corpus, out / "data")
+    info["pretrain"] = _train(cfg, "pretrain", out / "data/pretrain", out / "train/pretrain", cfg.pretrain_steps, None)
+    info["sft"] = _train(cfg, "sft", out / "data/sft", out / "train/sft", cfg.sft_steps,
+                         Path(info["pretrain"]["last_checkpoint"]))
+    info["generate"] = _generate(cfg, info["sft"]["last_checkpoint"], info["pretrain"]["last_checkpoint"], corpus,
+                                 out / "generate")
+    if cfg.serve:
+        _say("serve", "starting the OpenAI-compatible endpoint on 127.0.0.1 and asking one question")
+        info["serve"] = _serve_once(info["sft"]["last_checkpoint"])
+        _say("serve", f"answer: {info['serve']['completion']!r}; endpoint stopped")
+    info["wall_s"] = time.time() - t0
+    info["artefacts"] = {
+        "corpus": str(corpus),
+        "pretraining data (+ data card)": str(out / "data/pretrain"),
+        "SFT data": str(out / "data/sft"),
+        "pretrained checkpoint": info["pretrain"]["last_checkpoint"],
+        "fine-tuned checkpoint": info["sft"]["last_checkpoint"],
+        "training runs (metrics.jsonl, TensorBoard, loss_curve.png)": str(out / "train"),
+        "generated summaries": str(out / "generate/summaries"),
+        "generated articles": str(out / "generate/articles"),
+        "report": str(out / "report/report.md"),
+    }
+    report = _report(cfg, out, info)
+    (out / "demo_result.json").write_text(json.dumps(
+        {k: v for k, v in info.items() if k not in ("data_pretrain", "data_sft")}, indent=2, default=str))
+    print("\nraygpt demo finished in %.0f s. Artefacts:" % info["wall_s"])
+    for k, v in info["artefacts"].items():
+        print(f"  {k:58s} {v}")
+    r = info["rouge"]["systems"]
+    print("\nROUGE-L on held-out docstrings: " + ", ".join(f"{s} {v['rougeL']:.1f}" for s, v in r.items()))
+    print(f"Report: {report}")
+    return info
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo", help="the end-to-end main job on an embedded default corpus (or --corpus URI)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default=None, help="your text (path/glob/URL of .txt or .jsonl); default: the "
+                                                  "Python standard library's documentation")
+    p.add_argument("--config", default=None, help="a YAML file of DemoConfig keys")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="DemoConfig overrides, e.g. pretrain_steps=100")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
+
+    overrides = list(args.overrides or [])
+    if args.corpus:
+        overrides.append(f"corpus={args.corpus}")
+    cfg = load_config(DemoConfig, args.config, overrides)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    from pipelines.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))
