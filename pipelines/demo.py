@@ -224,7 +224,7 @@ def _generate(cfg: DemoConfig, sft_ckpt: str, base_ckpt: str, corpus: Path, gen:
     return out
 
 
-def _serve_once(ckpt: str) -> dict[str, Any]:
+def _serve_once(ckpt: str, max_tokens: int) -> dict[str, Any]:
     """Start the Serve app on a free loopback port, ask one question with the openai client, stop it."""
     import openai
     from ray import serve
@@ -242,7 +242,7 @@ def _serve_once(ckpt: str) -> dict[str, Any]:
     deadline = time.time() + 120
     while True:
         try:
-            resp = client.completions.create(model="raygpt-demo", prompt=prompt, max_tokens=24, temperature=0,
+            resp = client.completions.create(model="raygpt-demo", prompt=prompt, max_tokens=max_tokens, temperature=0,
                                              stop=["\n"])
             break
         except (openai.APIConnectionError, openai.NotFoundError, openai.InternalServerError):
@@ -375,7 +375,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                                  out / "generate")
     if cfg.serve:
         _say("serve", "starting the OpenAI-compatible endpoint on 127.0.0.1 and asking one question")
-        info["serve"] = _serve_once(info["sft"]["last_checkpoint"])
+        info["serve"] = _serve_once(info["sft"]["last_checkpoint"], min(24, cfg.max_new_tokens))
         _say("serve", f"answer: {info['serve']['completion']!r}; endpoint stopped")
     info["wall_s"] = time.time() - t0
     info["artefacts"] = {

@@ -1,0 +1,52 @@
+"""The main job end to end on the embedded default corpus, shrunk to seconds of training.
+
+    pytest tests/test_demo.py -q
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ConfigError, load_config
+from pipelines.demo import DemoConfig, run
+
+
+def test_demo_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="pretrain_steps"):
+        load_config(DemoConfig, None, ["pretrain_steps=0"])
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(DemoConfig, None, ["pretrain_step=5"])
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(ray_session, tmp_path):
+    cfg = DemoConfig(out=str(tmp_path / "demo"), vocab_size=512, block_size=64, preset="debug",
+                     pretrain_steps=6, sft_steps=4, micro_batch_size=4, generate_limit=4, articles=1,
+                     max_new_tokens=8, serve=True)
+    info = run(cfg)
+    out = Path(cfg.out)
+    # every stage left its artefact, and the readers accept them
+    from gptcore.checkpoint import load_checkpoint
+    from pipelines.data.manifest import load_manifest
+
+    assert load_manifest(out / "data/pretrain")["splits"]["train"]["tokens"] > 0
+    assert load_manifest(out / "data/sft")["kind"] == "sft"
+    ck = load_checkpoint(info["sft"]["last_checkpoint"])
+    assert ck.config.block_size == 64
+    assert json.loads((out / "generate/summaries/manifest.json").read_text())
+    # ROUGE of the model and of the lead baseline on the same held-out ids
+    systems = info["rouge"]["systems"]
+    assert set(systems) == {"raygpt (SFT)", "lead-1"} and info["rouge"]["n"] == 4
+    # the endpoint answered through the official client
+    assert info["serve"]["usage"]["prompt_tokens"] > 0
+    report = (out / "report/report.md").read_text()
+    for needle in ("## Data", "## Training", "ROUGE", "## Serve", "## Artefacts"):
+        assert needle in report
+    for png in ("loss_pretrain.png", "rouge.png", "data_drops.png"):
+        assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a re-run reuses the finished stages instead of retraining
+    info2 = run(cfg)
+    assert info2["pretrain"]["last_checkpoint"] == info["pretrain"]["last_checkpoint"]
