@@ -1,0 +1,263 @@
+"""Serving benchmark: the Ray Serve OpenAI endpoint at 1, 4 and 16 concurrent clients vs the offline engine.
+
+    .venv/bin/python bench/serve.py [--checkpoint CKPT | --preset tiny [--model n_layer=6 ...]] [--requests 64] \
+        [--new-tokens 64] [--rounds 3] [--pairs 20] [--threads 1] [--stream-interval 0] [--markdown]
+
+Builds (or loads) a checkpoint, then per round, interleaved so machine noise hits all alike:
+  offline  engine.generate on 16 prompts at once (tokens/s at batch 16) and on 1 prompt (latency of a
+           direct engine call), in this process, on --threads torch threads;
+  serve    one replica (same threads, continuous batching, max batch 16) behind Serve's HTTP proxy on
+           127.0.0.1; for 1, 4, 16 concurrent clients a fixed number of requests (64 new tokens each,
+           ignore_eos so every request is exactly that long), once non-streaming (aggregate tokens/s,
+           p50/p99 latency) and once with stream=true (time to first token, streaming tokens/s).
+Goal figures come from back-to-back pairs, so that the noise of a shared machine hits both sides
+alike: offline batch-16 run then a 16-client serve run (ratio of tokens/s, median over pairs), and a
+direct engine call then one HTTP request with the same prompt (difference, median over pairs).
+The HTTP clients run in this process, on the same cores as Serve: they take a share of the CPU.
+Does not: assert on timings, use the network beyond 127.0.0.1, or leave Ray running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("RAYGPT_SHARED_DATA", REPO.parent / "shared" / "data"))
+FALLBACK_TEXT = ("To be, or not to be, that is the question: whether tis nobler in the mind to suffer the slings "
+                 "and arrows of outrageous fortune, or to take arms against a sea of troubles. ") * 50
+
+
+def corpus() -> str:
+    p = SHARED / "tinyshakespeare" / "input.txt"
+    return p.read_text(encoding="utf-8") if p.is_file() else FALLBACK_TEXT
+
+
+def build_checkpoint(preset_name: str, out: Path, overrides: dict | None = None) -> Path:
+    import torch
+
+    from gptcore.checkpoint import save_checkpoint
+    from gptcore.config import preset
+    from gptcore.model import GPT
+    from gptcore.tokenizer import train_bpe
+
+    text = corpus()
+    tok = train_bpe([text[i:i + 4000] for i in range(0, min(len(text), 400_000), 4000)], vocab_size=2048)
+    torch.manual_seed(0)
+    model = GPT(preset(preset_name, **{"vocab_size": tok.vocab_size, **(overrides or {})}))
+    return Path(save_checkpoint(out / "ckpt", model, tok, {"step": 0, "note": "bench/serve.py random weights"}))
+
+
+def prompts(n: int) -> list[str]:
+    lines = [ln.strip() for ln in corpus().splitlines() if len(ln.strip()) > 20]
+    return [lines[(i * 37) % len(lines)][:60] for i in range(n)]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+# ---- offline engine ----------------------------------------------------------------------------
+
+def offline16(engine, ps: list[str], new_tokens: int) -> float:
+    """Tokens/s of one engine.generate over 16 prompts."""
+    from gptcore.sampling import SamplingParams
+
+    sp = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = engine.generate(ps[:16], sp)
+    return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
+
+
+def direct_call(engine, prompt: str, new_tokens: int) -> float:
+    """Seconds of one direct engine call for one prompt."""
+    from gptcore.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    engine.generate([prompt], SamplingParams(max_new_tokens=new_tokens, temperature=1.0, ignore_eos=True))
+    return time.perf_counter() - t0
+
+
+# ---- HTTP clients ----------------------------------------------------------------------------------
+
+async def _one(client, url: str, body: dict, stream: bool) -> tuple[float, float | None, int]:
+    t0 = time.perf_counter()
+    if not stream:
+        r = await client.post(url, json=body)
+        r.raise_for_status()
+        return time.perf_counter() - t0, None, r.json()["usage"]["completion_tokens"]
+    ttft, ntok = None, 0
+    async with client.stream("POST", url, json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            # cheap string checks: the client shares the machine with the server, keep it lean
+            if ttft is None and line.startswith("data: {") and '"text":""' not in line:
+                ttft = time.perf_counter() - t0
+            if '"usage"' in line:
+                ntok = json.loads(line[6:])["usage"]["completion_tokens"]
+    return time.perf_counter() - t0, ttft, ntok
+
+
+async def load(url: str, ps: list[str], clients: int, requests: int, new_tokens: int, stream: bool) -> dict:
+    import httpx
+
+    body = {"max_tokens": new_tokens, "temperature": 1.0, "ignore_eos": True}
+    results: list[tuple[float, float | None, int]] = []
+    counter = iter(range(requests))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        async def worker():
+            for i in counter:
+                results.append(await _one(client, url, {**body, "prompt": ps[i % len(ps)]}, stream))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    lat = [r[0] for r in results]
+    ttft = [r[1] for r in results if r[1] is not None]
+    assert sum(r[2] for r in results) == requests * new_tokens, "every request must produce new_tokens tokens"
+    return {"tps": sum(r[2] for r in results) / wall, "p50": pct(lat, 50), "p99": pct(lat, 99),
+            "ttft_p50": pct(ttft, 50) if ttft else float("nan")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", help="checkpoint directory (default: a random-weight --preset model)")
+    ap.add_argument("--preset", default="tiny", help="model preset when no --checkpoint (default tiny)")
+    ap.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="GPTConfig overrides of the preset, e.g. n_layer=6 block_size=256")
+    ap.add_argument("--stream-interval", type=float, default=0.0,
+                    help="the app's stream_interval_s (default 0: one chunk per decode step)")
+    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level (default 64)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the engine, offline and in Serve (default 1: on a shared 2-core "
+                         "machine two spinning OpenMP threads collapse under contention)")
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--pairs", type=int, default=20,
+                    help="back-to-back pairs per round for the goal figures (latency pairs; /4 throughput pairs)")
+    ap.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import ray
+    from ray import serve
+
+    from gptcore.checkpoint import load_checkpoint
+    from gptcore.engine import Engine
+    from pipelines.serve.app import build_app
+
+    tmp = tempfile.TemporaryDirectory(prefix="raygpt-bench-serve-")
+    overrides = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.model)}
+    ckpt = Path(args.checkpoint) if args.checkpoint else build_checkpoint(args.preset, Path(tmp.name), overrides)
+    ck = load_checkpoint(ckpt)
+    engine = Engine(ck.model.eval(), ck.tokenizer, max_batch_size=16)
+    ps = prompts(64)
+    levels = [int(c) for c in args.clients.split(",")]
+    mc = ck.config
+    print(f"model {mc.name} {mc.n_layer}L/{mc.n_embd}d ({ck.model.num_params() / 1e6:.2f} M params, block "
+          f"{mc.block_size}), stream_interval_s {args.stream_interval}, "
+          f"{args.new_tokens} new tokens/request, {args.requests} requests/level, {args.threads} torch threads, "
+          f"{os.cpu_count()} cores", flush=True)
+
+    ray.init(address="local", num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"checkpoint": str(ckpt), "model_name": "bench", "num_cpus": args.threads,
+                         "torch_threads": args.threads, "max_ongoing_requests": 64, "max_queued_requests": -1,
+                         "auth": {"api_keys_env": None}, "batching": {"max_batch_size": 16},
+                         "limits": {"max_tokens": args.new_tokens}, "stream_interval_s": args.stream_interval}),
+              name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    asyncio.run(load(url, ps, 4, 8, 8, True))  # warm-up: connections, replica code paths
+    asyncio.run(load(url, ps, 4, 8, 8, False))
+
+    rows: dict[str, list[dict]] = {**{f"c{c}": [] for c in levels}, **{f"s{c}": [] for c in levels}}
+    pairs_tps: list[tuple[float, float]] = []  # (offline@16, serve@16) measured back to back
+    pairs_lat: list[tuple[float, float]] = []  # (direct call, serve@1 request) back to back
+    health: list[float] = []
+    import httpx
+
+    http = httpx.Client(timeout=120)
+    try:
+        for rnd in range(args.rounds):
+            for c in levels:
+                rows[f"c{c}"].append(asyncio.run(load(url, ps, c, args.requests, args.new_tokens, stream=False)))
+                rows[f"s{c}"].append(asyncio.run(load(url, ps, c, args.requests, args.new_tokens, stream=True)))
+            # goal 1: alternate offline batch-16 runs and 16-client serve runs (32 requests)
+            for _ in range(args.pairs // 4):
+                pairs_tps.append((offline16(engine, ps, args.new_tokens),
+                                  asyncio.run(load(url, ps, 16, 32, args.new_tokens, stream=False))["tps"]))
+            # goal 2: alternate a direct engine call and one HTTP request (keep-alive client) with the same prompt
+            for i in range(args.pairs):
+                p = ps[i % len(ps)]
+                d = direct_call(engine, p, args.new_tokens)
+                t0 = time.perf_counter()
+                r = http.post(url, json={"prompt": p, "max_tokens": args.new_tokens, "temperature": 1.0,
+                                         "ignore_eos": True})
+                pairs_lat.append((d, time.perf_counter() - t0))
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == args.new_tokens
+                t0 = time.perf_counter()
+                http.get(url.replace("/v1/completions", "/health"))  # Serve's bare round trip, for reference
+                health.append(time.perf_counter() - t0)
+            print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
+                f"serve@{c} {rows[f'c{c}'][-1]['tps']:.0f} tok/s" for c in levels), flush=True)
+    finally:
+        http.close()
+        serve.shutdown()
+        ray.shutdown()
+        tmp.cleanup()
+
+    def med(key: str, field: str) -> float:
+        return statistics.median(r[field] for r in rows[key])
+
+    print(f"\nmedians over {args.rounds} rounds (tokens/s and latency: non-streaming requests; TTFT and "
+          f"stream tok/s: the same load with stream=true)")
+    print(f"{'clients':>8} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'stream tok/s':>13} {'TTFT p50 ms':>12}")
+    table = []
+    for c in levels:
+        row = (c, med(f"c{c}", "tps"), med(f"c{c}", "p50") * 1e3, med(f"c{c}", "p99") * 1e3,
+               med(f"s{c}", "tps"), med(f"s{c}", "ttft_p50") * 1e3)
+        table.append(row)
+        print(f"{row[0]:>8} {row[1]:>8.0f} {row[2]:>8.1f} {row[3]:>8.1f} {row[4]:>13.0f} {row[5]:>12.1f}")
+    off16 = statistics.median(a for a, _ in pairs_tps)
+    srv16 = statistics.median(b for _, b in pairs_tps)
+    ratio = statistics.median(b / a for a, b in pairs_tps)
+    d50 = statistics.median(a for a, _ in pairs_lat)
+    h50 = statistics.median(b for _, b in pairs_lat)
+    over = statistics.median((b - a) for a, b in pairs_lat)
+    print(f"goal 1: offline engine {off16:.0f} tok/s at batch 16, serve@16 {srv16:.0f} tok/s; median of "
+          f"{len(pairs_tps)} back-to-back ratios serve/offline = {ratio:.2f} (goal >= 0.8)")
+    print(f"goal 2: direct engine call p50 {d50 * 1e3:.1f} ms, serve@1 request p50 {h50 * 1e3:.1f} ms; median of "
+          f"{len(pairs_lat)} back-to-back differences = {over * 1e3:.1f} ms (goal < 10 ms); for reference "
+          f"GET /health p50 {statistics.median(health) * 1e3:.1f} ms (Serve's proxy round trip alone)")
+    if args.markdown:
+        print("\n| clients | tokens/s | p50 latency ms | p99 latency ms | streaming tokens/s | TTFT p50 ms |\n"
+              "|---:|---:|---:|---:|---:|---:|")
+        for row in table:
+            print(f"| {row[0]} | {row[1]:.0f} | {row[2]:.1f} | {row[3]:.1f} | {row[4]:.0f} | {row[5]:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""ServeConfig: every knob of the OpenAI-compatible Serve endpoint, validated in one place.
+
+    cfg = load_serve_config("cluster/serve/raygpt.yaml", ["checkpoint=ckpt/", "limits.max_n=4"])
+
+Sections: autoscaling (Serve autoscaler: replicas, target ongoing requests, delays), limits (prompt
+tokens, max_tokens, n, body size), auth (API keys from a file and/or an environment variable; the
+keys themselves never live in this config, so they never reach the Serve config, the dashboard or
+logs), batching (continuous batching on/off, batch size). `deployment_options(cfg)` turns it into
+`@serve.deployment` options. Does not: start Ray or Serve (pipelines.serve.cli / app do that).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pipelines.config import ConfigError
+
+
+@dataclass
+class AutoscalingSettings:
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: int | None = None  # default: min_replicas
+    # requests in flight (queued in the replica + decoding) per replica that the autoscaler aims for;
+    # a replica batches up to batching.max_batch_size requests, so a value near it keeps batches full
+    target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 30.0  # demand must stay above target this long before adding a replica
+    downscale_delay_s: float = 300.0  # ... and below target this long before removing one
+    look_back_period_s: float = 30.0  # window the ongoing-request metric is averaged over
+    metrics_interval_s: float | None = None  # how often replicas/proxies report load (Serve default 10 s)
+
+    def __post_init__(self) -> None:
+        errs = []
+        if self.min_replicas < 0:
+            errs.append(f"autoscaling.min_replicas must be >= 0, got {self.min_replicas}")
+        if self.max_replicas < 1 or self.max_replicas < self.min_replicas:
+            errs.append(f"autoscaling.max_replicas must be >= 1 and >= min_replicas ({self.min_replicas}), "
+                        f"got {self.max_replicas}")
+        if self.initial_replicas is not None and not (self.min_replicas <= self.initial_replicas <= self.max_replicas):
+            errs.append(f"autoscaling.initial_replicas must lie in [min_replicas, max_replicas] = "
+                        f"[{self.min_replicas}, {self.max_replicas}], got {self.initial_replicas}")
+        if not self.target_ongoing_requests > 0:
+            errs.append(f"autoscaling.target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        for f in ("upscale_delay_s", "downscale_delay_s"):
+            if getattr(self, f) < 0:
+                errs.append(f"autoscaling.{f} must be >= 0 seconds, got {getattr(self, f)}")
+        if not self.look_back_period_s > 0:
+            errs.append(f"autoscaling.look_back_period_s must be > 0, got {self.look_back_period_s}")
+        if self.metrics_interval_s is not None and not self.metrics_interval_s > 0:
+            errs.append(f"autoscaling.metrics_interval_s must be > 0 or null, got {self.metrics_interval_s}")
+        _raise(errs)
+
+
+@dataclass
+class LimitSettings:
+    max_prompt_tokens: int | None = None  # default: the model's block_size - 1
+    max_tokens: int = 512  # upper bound of a request's max_tokens (also capped by the context window)
+    default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default is 16)
+    max_n: int = 8  # upper bound of n (choices per prompt)
+    max_num_beams: int = 8  # upper bound of the num_beams extension
+    max_prompts: int = 16  # upper bound of a /v1/completions prompt list
+    max_stop: int = 4  # stop sequences per request (OpenAI allows 4)
+    max_body_bytes: int = 1_000_000  # request bodies above this answer 413
+
+    def __post_init__(self) -> None:
+        errs = []
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            errs.append(f"limits.max_prompt_tokens must be >= 1 or null, got {self.max_prompt_tokens}")
+        for f in ("max_tokens", "default_max_tokens", "max_n", "max_num_beams", "max_prompts", "max_stop",
+                  "max_body_bytes"):
+            if getattr(self, f) < 1:
+                errs.append(f"limits.{f} must be >= 1, got {getattr(self, f)}")
+        if self.default_max_tokens > self.max_tokens:
+            errs.append(f"limits.default_max_tokens ({self.default_max_tokens}) must be <= limits.max_tokens "
+                        f"({self.max_tokens})")
+        _raise(errs)
+
+
+@dataclass
+class AuthSettings:
+    # a file with one API key per line (blank lines and '#' comments ignored)
+    api_keys_file: str | None = None
+    # an environment variable of the replica processes holding comma-separated keys (e.g. set from a
+    # Kubernetes Secret); an unset or empty variable adds no keys
+    api_keys_env: str | None = "RAYGPT_API_KEYS"
+    # refuse to start when no key is found (guards a production deploy against a missing secret)
+    require_keys: bool = False
+
+
+@dataclass
+class BatchingSettings:
+    # sequences decoded together per step (a request with n choices / num_beams beams takes n * beams)
+    max_batch_size: int = 16
+    # True: a request joins the running batch between decode steps; False: static batches (new
+    # requests wait until the whole current batch has finished)
+    continuous: bool = True
+    # static batching only: how long the first request of a batch waits for company
+    batch_wait_timeout_s: float = 0.01
+
+    def __post_init__(self) -> None:
+        errs = []
+        if self.max_batch_size < 1:
+            errs.append(f"batching.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.batch_wait_timeout_s < 0:
+            errs.append(f"batching.batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
+        _raise(errs)
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str = ""  # a raygpt checkpoint directory (gptcore.checkpoint format); required
+    model_name: str | None = None  # the "model" clients send; default: the checkpoint directory's name
+    app_name: str = "raygpt"
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"  # HTTP proxy (raygpt serve only; a `serve run` YAML sets http_options itself)
+    port: int = 8000
+    chat_template: str = "plain"  # gptcore.chat template
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    num_cpus: float = 1.0  # CPUs reserved per replica (fractional allowed)
+    torch_threads: int | None = None  # intra-op threads per replica; default max(1, floor(num_cpus))
+    max_ongoing_requests: int = 32  # in flight per replica; more wait in the proxy queue
+    max_queued_requests: int = 64  # waiting in the proxy per deployment; beyond -> backpressure_status; -1 = no limit
+    backpressure_status: int = 503  # 503 or 429 for requests refused by max_queued_requests
+    retry_after_s: float = 1.0  # Retry-After header on those refusals
+    request_timeout_s: float = 60.0  # a request (queueing + decoding) running longer answers 408
+    # streaming: send at most one chunk per choice per interval (tokens in between are merged into it);
+    # 0 = a chunk per decode step, as OpenAI does. Each chunk costs CPU in the replica, the proxy and
+    # the client, so under many concurrent streams a few tens of ms raise throughput a lot
+    stream_interval_s: float = 0.0
+    health_check_period_s: float = 10.0
+    access_log: bool = True  # Serve's per-request access log lines in the replica logs (path, status, ms)
+    autoscaling: AutoscalingSettings = field(default_factory=AutoscalingSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+
+    def __post_init__(self) -> None:
+        errs = []
+        if not self.checkpoint:
+            errs.append("checkpoint is required: pass checkpoint=PATH (a directory written by save_checkpoint)")
+        if not self.route_prefix.startswith("/"):
+            errs.append(f"route_prefix must start with '/', got {self.route_prefix!r}")
+        if not (0 < self.port < 65536):
+            errs.append(f"port must be in 1..65535, got {self.port}")
+        if not (self.num_cpus > 0 and math.isfinite(self.num_cpus)):
+            errs.append(f"num_cpus must be > 0 (fractions like 0.5 are fine), got {self.num_cpus}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            errs.append(f"torch_threads must be >= 1 or null, got {self.torch_threads}")
+        if self.max_ongoing_requests < 1:
+            errs.append(f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
+        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
+            errs.append(f"max_queued_requests must be >= 1 or -1 (no limit), got {self.max_queued_requests}")
+        if self.backpressure_status not in (429, 503):
+            errs.append(f"backpressure_status must be 429 or 503, got {self.backpressure_status}")
+        if self.retry_after_s < 0:
+            errs.append(f"retry_after_s must be >= 0, got {self.retry_after_s}")
+        if not self.request_timeout_s > 0:
+            errs.append(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if not (0 <= self.stream_interval_s <= 10):
+            errs.append(f"stream_interval_s must be in [0, 10] seconds, got {self.stream_interval_s}")
+        if not self.health_check_period_s > 0:
+            errs.append(f"health_check_period_s must be > 0, got {self.health_check_period_s}")
+        try:
+            from gptcore.chat import get_template
+
+            get_template(self.chat_template)
+        except ValueError as e:
+            errs.append(f"chat_template: {e}")
+        _raise(errs)
+
+    @property
+    def served_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        from pathlib import Path
+
+        return Path(self.checkpoint.rstrip("/")).name or "raygpt"
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, int(self.num_cpus))
+
+
+def _raise(errs: list[str]) -> None:
+    if errs:
+        raise ConfigError("invalid serve config:\n  - " + "\n  - ".join(errs))
+
+
+IMPORT_PATH = "pipelines.serve.app:build_app"
+
+
+def serve_config_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """ServeConfig fields from a YAML mapping: either ServeConfig fields themselves, or a Serve config
+    file (`applications: [...]`, what `serve run`/`serve deploy` read), whose raygpt application's
+    `args`, name, route_prefix and http_options host/port are taken, so one file serves both tools."""
+    if "applications" not in data:
+        return dict(data)
+    apps = [a for a in data.get("applications") or [] if a.get("import_path") == IMPORT_PATH]
+    if len(apps) != 1:
+        raise ConfigError(f"a Serve config file needs exactly one application with import_path {IMPORT_PATH!r}, "
+                          f"found {len(apps)}")
+    app = apps[0]
+    fields = dict(app.get("args") or {})
+    if "name" in app:
+        fields.setdefault("app_name", app["name"])
+    if "route_prefix" in app:
+        fields.setdefault("route_prefix", app["route_prefix"])
+    http = data.get("http_options") or {}
+    for k in ("host", "port"):
+        if k in http:
+            fields.setdefault(k, http[k])
+    return fields
+
+
+def load_serve_config(path: str | None, overrides: list[str] | None = None) -> ServeConfig:
+    """`raygpt serve --config FILE k=v ...`: FILE holds ServeConfig fields or is a Serve config file."""
+    from pipelines.config import apply_overrides, from_dict, read_yaml
+
+    data = serve_config_fields(read_yaml(path)) if path else {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return from_dict(ServeConfig, data)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """`@serve.deployment(...)` options for the OpenAI server deployment."""
+    a = cfg.autoscaling
+    autoscaling: dict[str, Any] = dict(
+        min_replicas=a.min_replicas, max_replicas=a.max_replicas, target_ongoing_requests=a.target_ongoing_requests,
+        upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s,
+        look_back_period_s=a.look_back_period_s)
+    if a.initial_replicas is not None:
+        autoscaling["initial_replicas"] = a.initial_replicas
+    if a.metrics_interval_s is not None:
+        autoscaling["metrics_interval_s"] = a.metrics_interval_s
+    return dict(
+        ray_actor_options={"num_cpus": cfg.num_cpus},
+        autoscaling_config=autoscaling,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        backpressure_config={"status_code": cfg.backpressure_status, "retry_after_s": cfg.retry_after_s},
+        health_check_period_s=cfg.health_check_period_s,
+        logging_config={"enable_access_log": cfg.access_log},
+        # a request may run request_timeout_s; let in-flight ones finish on scale-down
+        graceful_shutdown_timeout_s=max(cfg.request_timeout_s, 5.0),
+        graceful_shutdown_wait_loop_s=1.0,
+    )

@@ -1,0 +1,102 @@
+"""The continuous-batching loop on a real engine (no Ray): requests join mid-decode and leave when done.
+
+    .venv/bin/python -m pytest tests/pipelines/serve/test_serve_batching.py -q
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pipelines.serve.batching import ContinuousBatcher
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt):
+    from gptcore.checkpoint import load_checkpoint
+    from gptcore.engine import Engine
+
+    ck = load_checkpoint(tiny_ckpt)
+    return Engine(ck.model, ck.tokenizer, max_batch_size=8)
+
+
+def _params(n_tokens: int, **kw):
+    from gptcore.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=n_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+async def _consume(stream, finished: list, name: str) -> list[int]:
+    ids: list[int] = []
+    async for ev in stream:
+        assert ev.kind != "error", ev.error
+        if ev.kind == "token":
+            ids.extend(ev.token_ids)
+    finished.append(name)
+    return ids
+
+
+async def _join_mid_decode(engine, continuous: bool):
+    tok = engine.tokenizer
+    b = ContinuousBatcher(engine, max_batch_size=8, continuous=continuous)
+    b.start()
+    try:
+        finished: list[str] = []
+        p_long, p_short = tok.encode("To be, or not to be"), tok.encode("The quick brown fox")
+        long = b.submit("long", p_long, _params(200))
+        t_long = asyncio.create_task(_consume(long, finished, "long"))
+        for _ in range(20_000):  # bounded: wait until the long request is decoding
+            if long.tokens >= 3:
+                break
+            await asyncio.sleep(0.001)
+        assert 3 <= long.tokens < 200, "the long request should be mid-decode"
+        short = b.submit("short", p_short, _params(4))
+        short_ids = await _consume(short, finished, "short")
+        long_ids = await t_long
+        return b.stats, finished, p_long, long_ids, p_short, short_ids
+    finally:
+        b.close()
+
+
+def test_short_request_joins_running_decode_and_finishes_first(engine):
+    stats, finished, p_long, long_ids, p_short, short_ids = asyncio.run(_join_mid_decode(engine, continuous=True))
+    assert finished == ["short", "long"]
+    assert (len(long_ids), len(short_ids)) == (200, 4)
+    # both were decoded in the same engine steps
+    assert stats.max_requests_in_step == 2 and stats.max_batch >= 2 and stats.multi_steps >= 4
+    # batching does not change what each request gets (greedy = the engine's own answer alone)
+    ref = engine.generate([p_long, p_short], [_params(200), _params(4)])
+    assert long_ids == ref[0].outputs[0].token_ids and short_ids == ref[1].outputs[0].token_ids
+
+
+def test_static_batching_makes_the_newcomer_wait(engine):
+    stats, finished, *_ = asyncio.run(_join_mid_decode(engine, continuous=False))
+    assert finished == ["long", "short"]
+    assert stats.max_requests_in_step == 1
+
+
+def test_abort_and_bad_request_do_not_stop_the_loop(engine):
+    async def main():
+        b = ContinuousBatcher(engine, max_batch_size=4)
+        b.start()
+        try:
+            s = b.submit("a", engine.tokenizer.encode("hello"), _params(240))
+            reasons = []
+            async for ev in s:  # abort once decoding is under way (as a client disconnect does)
+                if ev.kind == "token" and s.tokens == 2:
+                    b.abort("a")
+                elif ev.kind == "finish":
+                    reasons.append(ev.finish_reason)
+            assert reasons == ["abort"] and s.tokens < 240
+            # a prompt longer than the context: an error event for that request only
+            bad = b.submit("bad", [1] * 400, _params(4))
+            evs = [ev async for ev in bad]
+            assert evs[-1].kind == "error" and isinstance(evs[-1].error, ValueError)
+            ok = b.submit("ok", engine.tokenizer.encode("hello"), _params(3, n=1))
+            toks = [t for ev in [e async for e in ok] if ev.kind == "token" for t in ev.token_ids]
+            assert len(toks) == 3 and b.alive
+        finally:
+            b.close()
+
+    asyncio.run(main())
