@@ -88,7 +88,8 @@ def _ray_cluster_specs():
     for p, d in _k8s_docs("RayService"):
         out.append((p, d["spec"]["rayClusterConfig"]))
     for p, d in _k8s_docs("RayCronJob"):
-        out.append((p, d["spec"]["jobTemplate"]["spec"]["rayClusterSpec"]))
+        tpl = d["spec"]["jobTemplate"]
+        out.append((p, tpl.get("spec", tpl)["rayClusterSpec"]))
     return out
 
 
