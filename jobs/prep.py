@@ -1,0 +1,19 @@
+"""Ray Job entrypoint for data prep (raw text -> token shards + manifest): the same as `raygpt prep ARGS`.
+
+    python jobs/prep.py ARGS                      # on a cluster node, or locally
+    raygpt submit prep --address http://HOST:8265 -- ARGS
+
+Thin on purpose: all options and logic live in the stage's CLI and run(cfg), so a job and an
+interactive run behave the same. Does not: parse anything itself.
+"""
+
+import sys
+from pathlib import Path
+
+# the job's working_dir is the project root; make it importable even without `pip install -e .`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["prep", *sys.argv[1:]]))

@@ -1,0 +1,58 @@
+"""`raygpt train`: train a GPT on Ray Train + DeepSpeed from a YAML config.
+
+    raygpt train --config jobs/configs/train-shakespeare-char.yaml [key=value ...]
+    raygpt train --resume runs/train/shakespeare-char [max_steps=4000]      # continue a stopped run
+
+Registered by pipelines/cli.py. Heavy imports (torch, ray, deepspeed) happen inside the handler.
+Does not: prepare data (`raygpt prep`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a GPT (Ray Train + DeepSpeed ZeRO), or resume a stopped run",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a GPT on a `raygpt prep` dataset with Ray Train + DeepSpeed ZeRO.\n\n"
+                    "  raygpt train --config jobs/configs/train-shakespeare-char.yaml\n"
+                    "  raygpt train --config jobs/configs/train-debug.yaml num_workers=2 zero_stage=2\n"
+                    "  raygpt train --resume runs/train/shakespeare-char max_steps=4000\n\n"
+                    "Keys: see pipelines/train/config.py (TrainConfig); nested keys use dots "
+                    "(optim.lr=1e-3, batch.micro_batch_size=8, log.tensorboard=false).")
+    p.add_argument("--config", default=None, help="YAML config (TrainConfig); optional with --resume")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its latest checkpoint (loud error if it has none)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
+    p.set_defaults(func=_train)
+
+
+def _train(args) -> int:
+    from pipelines.cli import UserError
+    from pipelines.config import load_config
+    from pipelines.train.config import TrainConfig
+
+    base = None
+    if args.resume:
+        saved = Path(args.resume) / "config.json"
+        if not saved.is_file():
+            raise UserError(f"--resume {args.resume}: {saved} is missing; not a raygpt training run dir")
+        if not args.config:
+            base = json.loads(saved.read_text())["config"]
+    elif not args.config:
+        raise UserError("--config FILE is required (or --resume RUN_DIR)")
+    cfg = load_config(TrainConfig, args.config, args.overrides, base=base)
+
+    from pipelines.train.trainer import run
+
+    res = run(cfg, resume=args.resume)
+    print(json.dumps({"run_dir": str(res.run_dir), "steps": res.steps, "final_loss": res.final_loss,
+                      "final_val_loss": res.final_val_loss, "best_val_loss": res.best_val_loss,
+                      "last_checkpoint": str(res.last_checkpoint), "wall_s": round(res.wall_s, 1),
+                      **{k: res.extra.get(k) for k in ("median_tokens_per_s", "median_mfu", "loss_curve")}},
+                     indent=2))
+    return 0

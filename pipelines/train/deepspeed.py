@@ -1,0 +1,143 @@
+"""The DeepSpeed side of training: the DS config generated from a TrainConfig, and the engine.
+
+    ds_cfg = ds_config(cfg, world_size=2)          # plain dict; cfg.ds_config_override is merged last
+    engine, optimizer = build_engine(cfg, model, world_size=2)
+
+CPU (this machine): DS_ACCELERATOR=cpu, the process group is Ray Train's gloo group (DeepSpeed wraps
+the existing group instead of creating one). The client optimizer is torch's AdamW, so no DeepSpeed C++
+op has to be compiled; `offload_optimizer` switches to DeepSpeed's CPUAdam, which DeepSpeed JIT-builds
+with ninja + g++ on first use (about 90 s, cached in ~/.cache/torch_extensions). Precision: bf16 / fp16
+on GPU are DeepSpeed's own modes (bf16 / fp16 sections); bf16 on CPU is torch.autocast around the
+forward with fp32 weights, so the DS config stays fp32. Gradient clipping: ZeRO >= 1 and fp16 clip
+inside DeepSpeed (and report the global norm); ZeRO 0 in fp32/bf16 clips in the loop with torch, which
+also yields the norm DeepSpeed does not compute there. The LR schedule is set by the loop on the
+optimizer's param groups each step (no DS scheduler: the step alone determines the LR, so resuming
+needs no scheduler state). Does not: call ray.train (loop.py does), or save checkpoints (state.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any
+
+from pipelines.train.config import TrainConfig
+
+NEVER = 10**9  # steps_per_print: DeepSpeed's own step logging is replaced by ours
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def clips_in_deepspeed(cfg: TrainConfig) -> bool:
+    return cfg.zero_stage >= 1 or (cfg.use_gpu and cfg.precision == "fp16")
+
+
+def ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """DeepSpeed JSON config for this run (what `deepspeed.initialize(config=...)` receives)."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 1:
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(cfg.use_gpu)}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": bool(cfg.use_gpu)}
+    if cfg.zero_stage == 3:
+        # gather the full weights on rank 0 at save time is done by the loop (GatheredParameters)
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    c: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch.micro_batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip if clips_in_deepspeed(cfg) else 0.0,
+        "zero_optimization": zero,
+        "steps_per_print": NEVER,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if cfg.use_gpu and cfg.precision == "bf16":
+        c["bf16"] = {"enabled": True}
+    elif cfg.use_gpu and cfg.precision == "fp16":
+        c["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                     "hysteresis": 2, "min_loss_scale": 1}
+    if cfg.offload_optimizer:
+        # DeepSpeed builds its CPU Adam from this section (torch's AdamW cannot step offloaded partitions)
+        o = cfg.optim
+        c["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
+                                                      "weight_decay": o.weight_decay}}
+    return deep_merge(c, cfg.ds_config_override or {})
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, cosine to min_lr, then flat."""
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / (o.warmup_steps + 1)
+    if o.schedule == "constant":
+        return o.lr
+    decay = o.decay_steps or cfg.max_steps
+    if step >= decay:
+        return o.min_lr
+    ratio = (step - o.warmup_steps) / max(1, decay - o.warmup_steps)
+    return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (o.lr - o.min_lr)
+
+
+def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices (dim >= 2: Linear weights, embeddings), none on biases and norms."""
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # the tied wte/lm_head weight appears once
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _skip_shm_build() -> None:
+    """DeepSpeed JIT-builds a shared-memory all-reduce op at backend init (~50 s on a cold cache). It is
+    used only by `inference_all_reduce` and only activates when LOCAL_SIZE equals the world size, which
+    Ray does not set; so when LOCAL_SIZE is unset the build buys nothing and we skip it."""
+    if os.environ.get("LOCAL_SIZE"):
+        return
+    import importlib
+
+    # (not `import deepspeed.comm.torch as m`: that resolves to the `torch` attribute of deepspeed.comm)
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_torch.build_shm_op = lambda: None
+
+
+def build_engine(cfg: TrainConfig, model, world_size: int):
+    """deepspeed.initialize on the already-initialised process group -> (engine, optimizer)."""
+    if not cfg.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch
+
+    _skip_shm_build()
+    dsc = ds_config(cfg, world_size)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    if "optimizer" in dsc:
+        optimizer = None  # DeepSpeed builds it from the config (offload: CPUAdam)
+    else:
+        o = cfg.optim
+        kw: dict[str, Any] = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        if o.fused:
+            kw["fused"] = True
+        optimizer = torch.optim.AdamW(groups, **kw)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+        config=dsc, dist_init_required=False)
+    return engine, engine.optimizer
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr

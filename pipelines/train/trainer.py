@@ -1,0 +1,266 @@
+"""`pipelines.train.run(cfg)`: validate everything, then train on Ray Train (TorchTrainer + DeepSpeed).
+
+    from pipelines.train import run
+    result = run(load_config(TrainConfig, "jobs/configs/train-debug.yaml"))
+    result = run(cfg, resume="runs/train/debug")          # continue a stopped run (`--resume RUN_DIR`)
+
+Before any worker starts, `validate` checks the dataset (manifest, tokenizer id, vocab and block size),
+the init checkpoint, the run dir (a fresh run refuses a dir that already holds one; a resume refuses a
+dir without a complete, checksum-valid latest checkpoint, or one whose config changed in a key that
+would make it another run) and the cluster's resources. Then one TorchTrainer runs
+`loop.train_loop_per_worker` with ScalingConfig(num_workers, use_gpu, resources_per_worker),
+RunConfig(storage_path=RUN_DIR, name="ray"), FailureConfig(max_failures) - a failed worker group is
+restarted from the latest checkpoint - and CheckpointConfig(num_to_keep=keep_last_k). At the end: the
+loss-curve PNG and RUN_DIR/summary.json. Does not: prepare data (raygpt prep) or serve models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import ConfigError, config_hash, to_dict
+from pipelines.train import state as st
+from pipelines.train.config import RESUMABLE_CHANGES, TrainConfig
+from pipelines.train.data import check_compatible, open_dataset
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+# Ray Train controller settings (propagated from the driver's environment; a value already set there wins):
+# poll the workers every 0.5 s instead of 2 s (a checkpoint is committed, a failure noticed and the end of
+# the run seen that much sooner), and give a worker group 10 min instead of 60 s to start on a busy machine
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+
+
+class TrainError(RuntimeError):
+    """Training ran but failed (after the allowed automatic restarts)."""
+
+
+@dataclass
+class Plan:
+    """What validation resolved: the model shape, the init weights, the data, the resume point."""
+
+    cfg: TrainConfig
+    model_config: Any  # GPTConfig
+    manifest: dict[str, Any]
+    sft: bool
+    init_checkpoint: str | None
+    resume_from: Path | None
+    resume_step: int = 0
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_loss: float | None
+    final_val_loss: float | None
+    best_val_loss: float | None
+    last_checkpoint: Path  # consolidated gptcore checkpoint of the last step (inference-ready)
+    best_checkpoint: Path | None
+    ray_checkpoint: Path | None  # the latest full (resumable) checkpoint
+    wall_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _median(xs: list) -> float | None:
+    v = sorted(x for x in xs if isinstance(x, (int, float)) and math.isfinite(x))
+    return v[len(v) // 2] if v else None
+
+
+def _cpu_bf16_ok() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _init_model_config(cfg: TrainConfig, run_dir: Path):
+    """(GPTConfig, checkpoint path or None, tokenizer id or None) for init = scratch | raygpt | hf."""
+    if cfg.init == "scratch":
+        return None, None, None
+    from gptcore.checkpoint import CheckpointError, import_hf, read_config, verify_checkpoint
+
+    path = Path(cfg.init_path)
+    try:
+        if cfg.init == "hf":
+            out = run_dir / "init_from_hf"
+            if not (out / "checksums.json").is_file():
+                import_hf(path, out, overwrite=True)
+            path = out
+        verify_checkpoint(path)
+        mc = read_config(path)
+        meta = json.loads((path / "meta.json").read_text())
+    except CheckpointError as e:
+        raise ConfigError(f"init_path={cfg.init_path!r} (init={cfg.init}): {e}") from None
+    ov = cfg.model.overrides()
+    shape = {k: v for k, v in ov.items() if k != "dropout"}
+    diff = {k: (getattr(mc, k), v) for k, v in shape.items() if getattr(mc, k) != v}
+    if diff:
+        raise ConfigError(f"model overrides {diff} (checkpoint value, config value) contradict the init checkpoint "
+                          f"{path}; an initialised model keeps its shape: drop these model.* keys")
+    if "dropout" in ov:
+        mc = mc.replace(dropout=ov["dropout"])
+    return mc, str(path), meta.get("tokenizer_id")
+
+
+def validate(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Plan:
+    """All checks that need the filesystem; raises ConfigError (one clear message) before any worker starts."""
+    run_dir = Path(cfg.run_dir)
+    ds = open_dataset(cfg.data)
+    m = ds.manifest
+    mc, init_ckpt, tok_id = _init_model_config(cfg, run_dir)
+    if mc is None:
+        try:
+            mc = cfg.model_config(vocab_size=int(m["vocab_size"]), block_size=int(m["block_size"]))
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+    sft = check_compatible(m, mc, tokenizer_id=tok_id, sft=cfg.sft)
+    if not Path(ds.tokenizer_path()).is_file():
+        raise ConfigError(f"data={cfg.data!r}: tokenizer.json is missing next to the manifest")
+    if cfg.precision == "bf16" and not cfg.use_gpu and not _cpu_bf16_ok():
+        raise ConfigError("precision=bf16 on CPU needs AVX512-BF16 or AMX (oneDNN reports no bf16 support on "
+                          "this machine); use precision=fp32")
+    rows = int(m["splits"]["train"].get("rows", 0) or 0)
+    if rows and rows < cfg.global_batch_size:
+        raise ConfigError(f"the global batch ({cfg.global_batch_size} sequences = micro_batch_size * grad_accum * "
+                          f"num_workers) is larger than the whole train split ({rows} rows) of data={cfg.data!r}; "
+                          f"lower batch.micro_batch_size or use more data")
+    resume_from, resume_step = None, 0
+    rd = st.ray_dir(run_dir)
+    if resume is None:
+        if rd.exists() and any(rd.iterdir()):
+            raise ConfigError(f"run_dir={str(run_dir)!r} already holds a training run ({rd}); continue it with "
+                              f"`raygpt train --resume {run_dir}` or choose another run_dir / name")
+    else:
+        saved_path = run_dir / CONFIG_FILE
+        if not saved_path.is_file():
+            raise st.CheckpointStateError(f"cannot resume {run_dir}: {saved_path} is missing (not a raygpt run dir)")
+        saved = json.loads(saved_path.read_text())["config"]
+        now = to_dict(cfg)
+        changed = {k: (saved.get(k), now.get(k)) for k in now
+                   if k not in RESUMABLE_CHANGES and k != "run_dir" and saved.get(k) != now.get(k)}
+        if changed:
+            k, (old, new) = sorted(changed.items())[0]
+            raise ConfigError(f"cannot resume {run_dir} with {k}={new!r}: the run was started with {k}={old!r} "
+                              f"(changed keys: {sorted(changed)}); only {list(RESUMABLE_CHANGES)} may change on resume")
+        resume_from = st.latest_checkpoint(run_dir)
+        man = st.verify_checkpoint_dir(resume_from, checksums=cfg.ckpt_checksums)
+        resume_step = int(man["step"])
+        if resume_step >= cfg.max_steps:
+            raise ConfigError(f"run {run_dir} already reached step {resume_step} >= max_steps={cfg.max_steps}; "
+                              f"resume with a larger max_steps (e.g. max_steps={resume_step * 2})")
+    return Plan(cfg=cfg, model_config=mc, manifest=m, sft=sft, init_checkpoint=init_ckpt,
+                resume_from=resume_from, resume_step=resume_step)
+
+
+def _check_resources(cfg: TrainConfig) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    need = cfg.worker_resources()
+    for k, v in need.items():
+        total = v * cfg.num_workers
+        if have.get(k, 0) < total:
+            raise ConfigError(f"num_workers={cfg.num_workers} x resources_per_worker {need} needs {total:g} {k} but "
+                              f"the Ray cluster has {have.get(k, 0):g}; lower num_workers or resources_per_worker")
+
+
+def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResult:
+    """Train (or continue training) a model as configured; returns where the results are."""
+    t0 = time.time()
+    if resume is not None:
+        cfg.run_dir = str(resume)
+    # absolute paths: Ray workers do not share the driver's working directory
+    cfg.run_dir = str(Path(cfg.run_dir).resolve())
+    if "://" not in cfg.data:
+        cfg.data = str(Path(cfg.data).resolve())
+    if cfg.init_path and "://" not in cfg.init_path:
+        cfg.init_path = str(Path(cfg.init_path).resolve())
+    plan = validate(cfg, resume)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.train.deepspeed import ds_config
+    from pipelines.train.loop import train_loop_per_worker
+    from pipelines.train.metrics import plot_loss_curve, read_metrics
+
+    from ray.train.v2._internal.constants import is_v2_enabled
+
+    if not is_v2_enabled():
+        raise ConfigError("raygpt train runs on Ray Train V2 (checkpoint commit, restart semantics); unset "
+                          "RAY_TRAIN_V2_ENABLED or set it to 1")
+    if not ray.is_initialized():
+        ray.init()
+    _check_resources(cfg)
+
+    cfg_dict = to_dict(cfg)
+    if resume is None:
+        st.write_json(run_dir / CONFIG_FILE, {
+            "config": cfg_dict, "config_hash": config_hash(cfg), "model_config": plan.model_config.to_dict(),
+            "deepspeed": ds_config(cfg, cfg.num_workers), "data_manifest_id": plan.manifest.get("id"),
+            "sft": plan.sft, "global_batch_size": cfg.global_batch_size, "grad_accum": cfg.grad_accum})
+    payload = {"config": cfg_dict, "model_config": plan.model_config.to_dict(), "run_dir": str(run_dir),
+               "init_checkpoint": plan.init_checkpoint, "resume": resume is not None,
+               "driver_start": t0}
+    # no worker_runtime_env: workers with the job's own runtime env can start from Ray's pool of
+    # pre-started processes; the loop sets DS_ACCELERATOR and the thread count itself
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=payload,
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=cfg.worker_resources()),
+        run_config=RunConfig(
+            name=st.RAY_NAME, storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last_k)),
+    )
+    added = {k: v for k, v in RAY_TRAIN_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; keep the cause visible
+        raise TrainError(f"training run {run_dir} failed: {type(e).__name__}: {e}") from e
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+    if getattr(result, "error", None):
+        raise TrainError(f"training run {run_dir} failed: {result.error}")
+
+    tr = read_metrics(run_dir, "train")
+    ev = read_metrics(run_dir, "eval")
+    plot = plot_loss_curve(run_dir, title=f"{cfg.name}: {plan.model_config.name}") if cfg.log.plot else None
+    vals = [r["val_loss"] for r in ev]
+    ray_ckpt = Path(result.checkpoint.path) if getattr(result, "checkpoint", None) else None
+    out = TrainResult(
+        run_dir=run_dir, steps=tr[-1]["step"] if tr else plan.resume_step,
+        final_loss=tr[-1]["loss"] if tr else None, final_val_loss=vals[-1] if vals else None,
+        best_val_loss=min(vals) if vals else None, last_checkpoint=run_dir / "last",
+        best_checkpoint=(run_dir / "best") if (run_dir / "best").exists() else None,
+        ray_checkpoint=ray_ckpt, wall_s=time.time() - t0)
+    tps = _median([r.get("tokens_per_s") for r in tr[1:]])
+    mfu = _median([r.get("mfu") for r in tr[1:]])
+    rss_file = run_dir / "workers" / "peak_rss_mb.json"
+    summary = {
+        "steps": out.steps, "final_loss": out.final_loss, "final_val_loss": out.final_val_loss,
+        "best_val_loss": out.best_val_loss, "wall_s": out.wall_s,
+        "median_tokens_per_s": tps, "median_mfu": mfu,
+        "peak_rss_mb": json.loads(rss_file.read_text()) if rss_file.is_file() else None,
+        "last_checkpoint": str(out.last_checkpoint), "best_checkpoint": str(out.best_checkpoint or ""),
+        "ray_checkpoint": str(ray_ckpt or ""), "loss_curve": str(plot or ""),
+    }
+    out.extra = summary
+    st.write_json(run_dir / SUMMARY_FILE, summary)
+    return out

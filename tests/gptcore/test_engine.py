@@ -1,0 +1,325 @@
+"""The generation engine on a tiny random GPT: cache correctness, batching, sampling rules, stopping,
+seeds, beam search bookkeeping and the continuous-batching step API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptcore.config import GPTConfig
+from gptcore.engine import Engine, PromptTooLongError
+from gptcore.model import GPT
+from gptcore.sampling import SamplingParams
+
+V = 512
+EOS = 511
+
+
+class PairTokenizer:
+    """Token i is two letters, so stop strings can start in the middle of a token; EOS decodes to ''."""
+
+    eos_id = EOS
+    vocab_size = V
+
+    @staticmethod
+    def piece(i: int) -> str:
+        return chr(65 + i % 26) + chr(97 + (i // 26) % 26)
+
+    def encode(self, text: str) -> list[int]:
+        table = {self.piece(i): i for i in range(V - 1)}
+        return [table[text[k:k + 2]] for k in range(0, len(text), 2)]
+
+    def decode(self, ids) -> str:
+        return "".join(self.piece(i) for i in ids if i != EOS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread avoids OpenMP barrier stalls when the CPU is oversubscribed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=V, block_size=96)).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return Engine(model, PairTokenizer())
+
+
+def greedy(**kw):
+    return SamplingParams(temperature=0, **kw)
+
+
+PROMPTS = [[5, 17, 300], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [100, 200, 300, 400, 7, 7]]
+
+
+# ---- model-level correctness ---------------------------------------------------------------------
+
+
+def test_causality_future_tokens_never_change_past_logits(model):
+    x = torch.randint(0, V, (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, V, (2, 8))
+    with torch.no_grad():
+        a, b = model.forward_logits(x), model.forward_logits(y)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("kernel", ["model", "torch", "onednn", "onednn-always-packed"])
+def test_kv_cache_decode_equals_full_recompute(model, kernel, monkeypatch):
+    if kernel == "onednn-always-packed":  # tiny matmuls normally skip the packed kernel: force it
+        import gptcore.engine
+
+        monkeypatch.setattr(gptcore.engine._Linear, "BIG", 0)
+        kernel = "onednn"
+    eng = Engine(model, None, kernel=kernel)
+    if kernel == "onednn" and eng.kernel != "onednn":
+        pytest.skip("oneDNN is not available in this torch build")
+    out = eng.generate(PROMPTS, greedy(max_new_tokens=12, logprobs=True))
+    for prompt, res in zip(PROMPTS, out):
+        c = res.outputs[0]
+        seq = torch.tensor([prompt + c.token_ids])
+        with torch.no_grad():
+            full = torch.log_softmax(model.forward_logits(seq)[0].float(), -1)  # (T, V) no cache
+        P = len(prompt)
+        for i, tok in enumerate(c.token_ids):
+            assert int(full[P - 1 + i].argmax()) == tok  # greedy under full recompute
+            assert abs(float(full[P - 1 + i, tok]) - c.logprobs[i]) < 1e-4
+
+
+def test_ragged_batch_equals_each_prompt_alone(engine):
+    params = greedy(max_new_tokens=15, logprobs=True)
+    batch = engine.generate(PROMPTS, params)
+    for prompt, res in zip(PROMPTS, batch):
+        alone = engine.generate([prompt], params)[0].outputs[0]
+        assert res.outputs[0].token_ids == alone.token_ids
+        torch.testing.assert_close(torch.tensor(res.outputs[0].logprobs), torch.tensor(alone.logprobs),
+                                   rtol=0, atol=1e-5)
+        assert res.prompt_token_ids == prompt and res.prompt is None
+
+
+def test_onednn_and_model_kernels_agree_in_bf16(model):
+    a = Engine(model, None, dtype=torch.bfloat16, kernel="model").generate(PROMPTS[:2], greedy(max_new_tokens=4))
+    b = Engine(model, None, dtype=torch.bfloat16).generate(PROMPTS[:2], greedy(max_new_tokens=4))
+    assert all(len(r.outputs[0].token_ids) == 4 for r in a + b)
+
+
+# ---- sampling rules ------------------------------------------------------------------------------
+
+
+def test_top_k_1_equals_greedy(engine):
+    g = engine.generate(PROMPTS, greedy(max_new_tokens=10))
+    k1 = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=1.3, top_k=1, seed=3))
+    assert [r.outputs[0].token_ids for r in g] == [r.outputs[0].token_ids for r in k1]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_size_never_repeats_an_ngram(engine, n):
+    prompt = [7, 8, 9, 10]
+    for params in (greedy(max_new_tokens=40, no_repeat_ngram_size=n, ignore_eos=True),
+                   SamplingParams(max_new_tokens=40, no_repeat_ngram_size=n, temperature=1.0, top_k=3, seed=0,
+                                  ignore_eos=True)):
+        toks = prompt + engine.generate([prompt], params)[0].outputs[0].token_ids
+        grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+        assert len(grams) == len(set(grams)), f"repeated {n}-gram in {toks}"
+
+
+def test_repetition_penalty_changes_greedy_output(engine):
+    plain = engine.generate([[3, 3, 3]], greedy(max_new_tokens=20))[0].outputs[0].token_ids
+    pen = engine.generate([[3, 3, 3]], greedy(max_new_tokens=20, repetition_penalty=5.0))[0].outputs[0].token_ids
+    assert len(set(pen)) > len(set(plain))
+
+
+def test_per_row_params_in_one_batch_match_separate_runs(engine):
+    params = [greedy(max_new_tokens=8), SamplingParams(max_new_tokens=5, temperature=0.7, top_p=0.8, seed=11),
+              SamplingParams(max_new_tokens=9, temperature=1.5, top_k=20, seed=12, repetition_penalty=1.2),
+              greedy(max_new_tokens=6, no_repeat_ngram_size=2)]
+    together = engine.generate(PROMPTS, params)
+    for prompt, p, res in zip(PROMPTS, params, together):
+        alone = engine.generate([prompt], p)[0].outputs[0]
+        assert res.outputs[0].token_ids == alone.token_ids
+        assert len(alone.token_ids) == p.max_new_tokens and alone.finish_reason == "length"
+
+
+def test_seeds_reproduce_independently_of_batch_mates(engine):
+    p = SamplingParams(max_new_tokens=20, temperature=1.0, seed=1234, ignore_eos=True)
+    alone = engine.generate([PROMPTS[0]], p)[0].outputs[0].token_ids
+    again = engine.generate([PROMPTS[0]], p)[0].outputs[0].token_ids
+    mates = engine.generate([PROMPTS[2], PROMPTS[0], PROMPTS[1]],
+                            [SamplingParams(max_new_tokens=7, temperature=0.9, seed=5), p, greedy(max_new_tokens=3)])
+    assert alone == again == mates[1].outputs[0].token_ids
+    other = engine.generate([PROMPTS[0]], p.replace(seed=4321))[0].outputs[0].token_ids
+    assert other != alone
+    # n > 1: distinct samples, each reproducible, numbered 0..n-1
+    many = engine.generate([PROMPTS[0]], p.replace(n=3))[0].outputs
+    assert [c.index for c in many] == [0, 1, 2]
+    assert many[0].token_ids == alone and len({tuple(c.token_ids) for c in many}) == 3
+    assert [c.token_ids for c in engine.generate([PROMPTS[0]], p.replace(n=3))[0].outputs] == \
+        [c.token_ids for c in many]
+
+
+def test_unseeded_sampling_follows_the_global_torch_seed(engine):
+    p = SamplingParams(max_new_tokens=10, temperature=1.0)
+    torch.manual_seed(99)
+    a = engine.generate([PROMPTS[0]], p)[0].outputs[0].token_ids
+    torch.manual_seed(99)
+    assert engine.generate([PROMPTS[0]], p)[0].outputs[0].token_ids == a
+
+
+# ---- stopping ------------------------------------------------------------------------------------
+
+
+def test_eos_stop_token_ids_and_ignore_eos(model):
+    free = Engine(model, None).generate([PROMPTS[1]], greedy(max_new_tokens=10))[0].outputs[0].token_ids
+    stop_at = free[4]
+    first = free.index(stop_at)
+    for eng, params in ((Engine(model, None, eos_id=stop_at), greedy(max_new_tokens=10)),
+                        (Engine(model, None), greedy(max_new_tokens=10, stop_token_ids=[stop_at]))):
+        c = eng.generate([PROMPTS[1]], params)[0].outputs[0]
+        assert c.finish_reason == "stop" and c.token_ids == free[:first]  # the stop token is not returned
+    c = Engine(model, None, eos_id=stop_at).generate([PROMPTS[1]], greedy(max_new_tokens=10, ignore_eos=True))
+    assert c[0].outputs[0].token_ids == free and c[0].outputs[0].finish_reason == "length"
+
+
+def test_stop_strings_cut_exactly(engine):
+    tok = PairTokenizer()
+    free = engine.generate([PROMPTS[3]], greedy(max_new_tokens=12, ignore_eos=True))[0].outputs[0]
+    assert free.text == tok.decode(free.token_ids) and len(free.text) == 24
+    for start in (9, 12):  # inside a token (odd) and on a token boundary (even)
+        stop = free.text[start:start + 3]
+        cut = free.text.index(stop)
+        for params in (greedy(max_new_tokens=12, ignore_eos=True, stop=[stop, "zzzzzz"], logprobs=True),
+                       SamplingParams(max_new_tokens=12, temperature=0.5, top_k=1, ignore_eos=True, stop=[stop])):
+            c = engine.generate([PROMPTS[3]], params)[0].outputs[0]
+            assert c.finish_reason == "stop"
+            assert c.text == free.text[:cut] and stop not in c.text
+            assert c.token_ids == free.token_ids[:cut // 2]  # only tokens wholly before the stop string
+            assert tok.decode(c.token_ids) == free.text[:cut - cut % 2]
+            if c.logprobs is not None:
+                assert len(c.logprobs) == len(c.token_ids)
+
+
+def test_streaming_deltas_add_up_and_never_leak_a_stop_string(engine):
+    free = engine.generate([PROMPTS[3]], greedy(max_new_tokens=12, ignore_eos=True))[0].outputs[0]
+    stop = free.text[9:12]
+    engine.add_request("s1", PROMPTS[3], greedy(max_new_tokens=12, ignore_eos=True, stop=[stop]))
+    engine.add_request("s2", PROMPTS[3], greedy(max_new_tokens=12, ignore_eos=True))
+    text = {"s1": "", "s2": ""}
+    ids = {"s1": [], "s2": []}
+    final = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            text[o.request_id] += o.new_text
+            ids[o.request_id] += o.new_token_ids
+            assert stop not in text["s1"]
+            if o.finished:
+                final[o.request_id] = o
+    assert text["s1"] == final["s1"].output.text == free.text[:free.text.index(stop)]
+    assert ids["s1"] == final["s1"].output.token_ids and final["s1"].finish_reason == "stop"
+    assert text["s2"] == free.text and ids["s2"] == free.token_ids and final["s2"].finish_reason == "length"
+
+
+def test_text_prompts_with_a_real_tokenizer_and_from_checkpoint(tmp_path):
+    tokenizer_mod = pytest.importorskip("gptcore.tokenizer")
+    tok = tokenizer_mod.train_char(["hello world, the quick brown fox jumps over the lazy dog"],
+                                   special_tokens=("<|endoftext|>",))
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=tok.vocab_size, block_size=64)).eval()
+    eng = Engine(m, tok)
+    res = eng.generate(["hello ", ""], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
+    assert res[0].prompt == "hello " and res[0].prompt_token_ids == tok.encode("hello ")
+    assert res[0].outputs[0].text == tok.decode(res[0].outputs[0].token_ids)
+    assert res[1].prompt_token_ids == [tok.eos_id]  # an empty prompt starts from <|endoftext|>
+    from gptcore.checkpoint import save_checkpoint
+
+    path = save_checkpoint(tmp_path / "ckpt", m, tok, {"step": 0})
+    again = Engine.from_checkpoint(path).generate(["hello "], SamplingParams(max_new_tokens=6, temperature=0,
+                                                                             ignore_eos=True))
+    assert again[0].outputs[0].token_ids == res[0].outputs[0].token_ids
+
+
+# ---- context length ------------------------------------------------------------------------------
+
+
+def test_prompt_too_long_errors_or_truncates_left(engine):
+    long = list(range(90))  # block_size 96
+    with pytest.raises(PromptTooLongError) as e:
+        engine.generate([long], greedy(max_new_tokens=10))
+    msg = str(e.value)
+    assert "90 tokens" in msg and "max_new_tokens=10" in msg and "block_size=96" in msg and "truncate='left'" in msg
+    res = engine.generate([long], greedy(max_new_tokens=10, truncate="left"))[0]
+    assert res.prompt_token_ids == long[-86:] and len(res.outputs[0].token_ids) <= 10
+    with pytest.raises(PromptTooLongError, match="leaves no room"):
+        engine.generate([[1]], greedy(max_new_tokens=96))
+    assert not engine.has_unfinished()  # a refused batch leaves the engine idle
+    with pytest.raises(ValueError, match=r"\[0, vocab_size=512\)"):
+        engine.generate([[V + 3]], greedy())
+
+
+# ---- beam search bookkeeping (token parity with HF is in test_generate_hf_parity.py) -------------
+
+
+def test_beam_search_returns_n_best_beams_sorted(engine):
+    res = engine.generate([PROMPTS[1]], SamplingParams(num_beams=4, n=3, max_new_tokens=6, logprobs=True))[0]
+    assert [c.index for c in res.outputs] == [0, 1, 2]
+    scores = [c.cumulative_logprob for c in res.outputs]
+    assert scores == sorted(scores, reverse=True)
+    for c in res.outputs:
+        assert len(c.token_ids) == len(c.logprobs) and c.finish_reason in ("stop", "length")
+        # with length_penalty 1 the score is the mean log-prob of the beam's tokens (+ EOS if it stopped)
+        if c.finish_reason == "length":
+            assert abs(sum(c.logprobs) / len(c.logprobs) - c.cumulative_logprob) < 1e-4
+    greedy_out = engine.generate([PROMPTS[1]], greedy(max_new_tokens=6))[0].outputs[0]
+    assert res.outputs[0].cumulative_logprob >= sum(
+        engine.generate([PROMPTS[1]], greedy(max_new_tokens=6, logprobs=True))[0].outputs[0].logprobs) / 6 - 1e-5
+    assert len(greedy_out.token_ids) == 6
+
+
+# ---- continuous batching -------------------------------------------------------------------------
+
+
+def test_continuous_batching_requests_joining_mid_flight_match_alone(model):
+    eng = Engine(model, PairTokenizer(), max_batch_size=3)
+    plan = {0: [("a", PROMPTS[0], 10), ("b", PROMPTS[1], 4)], 2: [("c", PROMPTS[2], 12)],
+            3: [("d", PROMPTS[3], 6), ("e", [9, 9], 5)]}  # e waits for a free slot
+    got: dict[str, list[int]] = {}
+    reasons = {}
+    step = 0
+    while step in plan or eng.has_unfinished():
+        for rid, prompt, m in plan.get(step, []):
+            eng.add_request(rid, prompt, greedy(max_new_tokens=m, ignore_eos=True))
+        outs = eng.step()
+        assert len({(o.request_id, o.index) for o in outs}) == len(outs)
+        assert len(eng._rows) <= 3
+        for o in outs:
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+        step += 1
+    alone = Engine(model, PairTokenizer())
+    for rid, prompt, m in [x for v in plan.values() for x in v]:
+        ref = alone.generate([prompt], greedy(max_new_tokens=m, ignore_eos=True))[0].outputs[0].token_ids
+        assert got[rid] == ref, rid
+        assert reasons[rid] == "length"
+    assert not eng.has_unfinished() and eng._rows == []
+
+
+def test_abort_frees_the_slot_and_generate_refuses_while_busy(model):
+    eng = Engine(model, None, max_batch_size=2)
+    eng.add_request("x", PROMPTS[0], greedy(max_new_tokens=50))
+    eng.add_request("y", PROMPTS[1], SamplingParams(max_new_tokens=50, num_beams=2))
+    eng.step()
+    with pytest.raises(ValueError, match="already in flight"):
+        eng.add_request("x", PROMPTS[0], greedy())
+    with pytest.raises(RuntimeError, match="idle engine"):
+        eng.generate([PROMPTS[0]], greedy())
+    assert eng.abort("x") and eng.abort("y") and not eng.abort("nope")
+    assert not eng.has_unfinished()
+    assert eng.generate([PROMPTS[0]], greedy(max_new_tokens=3))[0].outputs[0].finish_reason == "length"

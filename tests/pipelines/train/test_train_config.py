@@ -1,0 +1,132 @@
+"""TrainConfig validation, the generated DeepSpeed config and the LR schedule: all before any worker starts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+from pipelines.config import ConfigError, load_config
+from pipelines.train.config import TrainConfig
+from pipelines.train.deepspeed import ds_config, lr_at
+
+from train_testlib import base_config
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _cfg(**kw) -> TrainConfig:
+    return load_config(TrainConfig, None, [f"{k}={v}" for k, v in kw.items()], base={"data": "d"})
+
+
+def test_batch_not_divisible_names_key_constraint_value():
+    with pytest.raises(ConfigError) as e:
+        _cfg(**{"batch.micro_batch_size": 4, "num_workers": 2, "batch.global_batch_size": 10})
+    msg = str(e.value)
+    assert "batch.global_batch_size" in msg and "10" in msg and "multiple" in msg and "= 8" in msg
+
+
+def test_global_batch_derives_grad_accum_and_contradiction_is_refused():
+    c = _cfg(**{"batch.micro_batch_size": 4, "num_workers": 2, "batch.global_batch_size": 24})
+    assert c.grad_accum == 3 and c.global_batch_size == 24
+    with pytest.raises(ConfigError, match=r"global_batch_size \(24\) != .*grad_accum"):
+        _cfg(**{"batch.micro_batch_size": 4, "num_workers": 2, "batch.global_batch_size": 24,
+                "batch.grad_accum": 2})
+
+
+def test_n_embd_not_divisible_by_n_head():
+    with pytest.raises(ConfigError) as e:
+        _cfg(**{"model.n_embd": 30, "model.n_head": 4})
+    msg = str(e.value)
+    assert "n_embd" in msg and "n_head" in msg and "30" in msg and "4" in msg
+
+
+@pytest.mark.parametrize("key, named", [("optimm.lr", "'optimm'"), ("optim.lrr", "'optim.lrr'"), ("zero", "'zero'"),
+                                        ("batch.size", "'batch.size'")])
+def test_unknown_key_is_refused_with_the_valid_ones(key, named):
+    with pytest.raises(ConfigError) as e:
+        _cfg(**{key: 1})
+    assert "unknown config key" in str(e.value) and named in str(e.value) and "valid keys" in str(e.value)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"zero_stage": 4}, ["zero_stage", "4"]),
+    ({"offload_params": "true", "zero_stage": 2}, ["offload_params", "zero_stage=3"]),
+    ({"offload_optimizer": "true"}, ["offload_optimizer", "zero_stage >= 1"]),
+    ({"precision": "fp16"}, ["fp16", "use_gpu"]),
+    ({"precision": "int8"}, ["precision", "int8"]),
+    ({"optim.min_lr": 1.0, "optim.lr": 0.1}, ["optim.min_lr", "1.0"]),
+    ({"keep_last_k": 0}, ["keep_last_k", "0"]),
+    ({"init": "raygpt"}, ["init_path"]),
+])
+def test_bad_values(kw, words):
+    with pytest.raises(ConfigError) as e:
+        _cfg(**kw)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_dataset_fails_before_any_worker(tmp_path):
+    from pipelines.train.trainer import run
+
+    cfg = base_config(tmp_path / "nope", tmp_path / "run")
+    with pytest.raises(ConfigError) as e:
+        run(cfg)
+    assert "data=" in str(e.value) and "does not exist" in str(e.value)
+    assert not (tmp_path / "run" / "ray").exists() and not (tmp_path / "run" / "workers").exists()
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"data: {tmp_path / 'nope'}\nrun_dir: {tmp_path / 'run'}\n")
+    assert main(["train", "--config", str(cfg), "batch.micro_batch_size=0"]) == 2
+    err = capsys.readouterr().err
+    assert "batch.micro_batch_size must be >= 1, got 0" in err and "Traceback" not in err
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "norun")]) == 2
+    assert "not a raygpt training run dir" in capsys.readouterr().err
+
+
+def test_shipped_configs_load():
+    for p in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
+        if p.name.startswith(("train-", "sft-")):
+            c = load_config(TrainConfig, p)
+            assert c.max_steps >= 1 and c.data
+
+
+def test_ds_config_from_train_config():
+    c = _cfg(**{"zero_stage": 2, "num_workers": 2, "batch.micro_batch_size": 3, "batch.grad_accum": 2,
+                "optim.grad_clip": 0.5})
+    d = ds_config(c, world_size=2)
+    assert d["train_batch_size"] == 12 and d["gradient_accumulation_steps"] == 2
+    assert d["train_micro_batch_size_per_gpu"] == 3 and d["zero_optimization"]["stage"] == 2
+    assert d["gradient_clipping"] == 0.5 and "bf16" not in d and "fp16" not in d and "optimizer" not in d
+    # ZeRO 0 clips in the loop (which also measures the norm), not in DeepSpeed
+    assert ds_config(_cfg(zero_stage=0), 1)["gradient_clipping"] == 0.0
+    off = ds_config(_cfg(zero_stage=3, offload_optimizer="true", offload_params="true"), 1)
+    assert off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert off["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert off["optimizer"]["type"] == "AdamW"  # DeepSpeed builds CPUAdam for offloaded partitions
+    gpu = ds_config(_cfg(use_gpu="true", precision="bf16"), 1)
+    assert gpu["bf16"] == {"enabled": True}
+    fp16 = ds_config(_cfg(use_gpu="true", precision="fp16"), 1)
+    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0
+    cpu_bf16 = ds_config(_cfg(precision="bf16"), 1)  # CPU: torch autocast, DeepSpeed stays fp32
+    assert "bf16" not in cpu_bf16
+    over = ds_config(_cfg(ds_config_override='{"zero_optimization": {"reduce_bucket_size": 1000}, '
+                                              '"steps_per_print": 5}'), 1)
+    assert over["zero_optimization"]["reduce_bucket_size"] == 1000 and over["zero_optimization"]["stage"] == 0
+    assert over["steps_per_print"] == 5
+
+
+def test_lr_schedule_warmup_cosine_min_lr():
+    c = _cfg(**{"optim.lr": 1e-3, "optim.min_lr": 1e-4, "optim.warmup_steps": 10, "max_steps": 110})
+    lrs = [lr_at(c, s) for s in range(130)]
+    assert lrs[0] < lrs[5] < lrs[9] < 1e-3  # linear warmup
+    assert math.isclose(lrs[10], 1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:110]))  # cosine decays monotonically
+    assert math.isclose(lrs[60], (1e-3 + 1e-4) / 2, rel_tol=1e-9)  # half way = mean of lr and min_lr
+    assert all(math.isclose(v, 1e-4) for v in lrs[110:])  # floor after decay_steps (= max_steps)
