@@ -232,6 +232,8 @@ def _serve_once(ckpt: str, max_tokens: int) -> dict[str, Any]:
     from pipelines.serve.app import build_app
 
     port = _free_port()
+    # a Serve instance left running on this Ray would ignore our http_options: start our own
+    serve.shutdown()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_name = "raygpt-demo"
     serve.run(build_app({"checkpoint": str(Path(ckpt).resolve()), "model_name": "raygpt-demo",

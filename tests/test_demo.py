@@ -23,6 +23,10 @@ def test_demo_config_errors_name_the_field():
 
 @pytest.mark.slow
 def test_demo_end_to_end(ray_session, tmp_path):
+    # Serve tests of this session may have left Serve running on another port; the demo starts its own
+    from ray import serve
+
+    serve.shutdown()
     cfg = DemoConfig(out=str(tmp_path / "demo"), vocab_size=512, block_size=64, preset="debug",
                      pretrain_steps=6, sft_steps=4, micro_batch_size=4, generate_limit=4, articles=1,
                      max_new_tokens=8, serve=True)
