@@ -41,8 +41,8 @@ class DemoConfig:
     vocab_size: int = 4096  # BPE vocabulary trained on the corpus
     block_size: int = 256  # context length of the model and the token windows
     preset: str = "tiny"  # gptcore preset (n_layer 4, n_head 4, n_embd 128)
-    pretrain_steps: int = 600
-    sft_steps: int = 300
+    pretrain_steps: int = 500
+    sft_steps: int = 250
     micro_batch_size: int = 16
     num_workers: int = 1  # Ray Train workers (2 = DeepSpeed data parallel over both cores)
     zero_stage: int = 1

@@ -1,0 +1,54 @@
+"""Run every benchmark, one after another, each as its own process (`make bench`).
+
+    make bench                              # all of them, with each script's own defaults
+    .venv/bin/python bench/run_all.py tokenizer prep     # a subset, by name
+
+Each script prints its table and the command that reproduces it; the figures in BENCHMARKS.md come
+from these scripts (medians of several runs, ratios against a peer in the same script). They run
+sequentially because two benchmarks sharing 2 cores would measure each other. Needs ../shared/data.
+Does not: edit BENCHMARKS.md (scripts that can, do so only with their own --write-md flag).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# name -> arguments (each script's defaults are its documented configuration)
+BENCHES = {
+    "tokenizer": [],
+    "steps": [],
+    "prep": [],
+    "generate": [],
+    "train": [],
+    "batch_generate": [],
+    "serve": [],
+}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}", file=sys.stderr)
+        return 2
+    failed = []
+    for name in names:
+        cmd = [sys.executable, str(HERE / f"{name}.py"), *BENCHES[name]]
+        print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
+        t0 = time.time()
+        rc = subprocess.call(cmd)
+        print(f"=== {name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+        if rc != 0:
+            failed.append(name)
+    if failed:
+        print(f"failed: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
