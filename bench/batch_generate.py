@@ -206,8 +206,10 @@ def main() -> None:
     base = [a for a in sys.argv[1:] if not a.startswith("--worker")]
     for rep in range(args.repeats):
         for s in systems:  # interleaved, so that machine noise spreads over every system
+            # OMP_NUM_THREADS as Ray sets it for a 1-CPU actor: the same OpenMP set-up in every process
+            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
             p = subprocess.run([sys.executable, __file__, *base, "--worker", s], capture_output=True, text=True,
-                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                               env=env)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
             if p.returncode != 0 or not line:
                 raise SystemExit(f"{s} failed ({p.returncode}):\n{p.stderr[-3000:]}")

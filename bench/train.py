@@ -1,7 +1,8 @@
 """Training throughput and time-to-loss: `raygpt train` (Ray Train + DeepSpeed) vs a plain PyTorch loop.
 
     .venv/bin/python bench/train.py --prepare-data          # runs/data/shakespeare-char-64 (nanoGPT's split)
-    .venv/bin/python bench/train.py a [--repeats 3]         # (a) 1 worker vs the plain loop, nanoGPT CPU recipe
+    .venv/bin/python bench/train.py a [--repeats 3]         # (a) 1 worker vs the plain loop, tokens/s (300 iters)
+    .venv/bin/python bench/train.py full [--repeats 1]      # (a) the whole 2000-iter recipe: val loss, wall time
     .venv/bin/python bench/train.py b [--repeats 3]         # (b) 2 workers ZeRO-2 vs 1 process, same 2 cores
     .venv/bin/python bench/train.py c [--repeats 3]         # (c) wall time to val loss <= 1.88 through Ray
     .venv/bin/python bench/train.py sweep                   # plain-loop variants: what helps on this CPU
@@ -197,37 +198,67 @@ def _median(rs: list[dict], key: str) -> float:
 
 
 def bench_a(repeats: int, iters: int) -> dict:
-    """(a) raygpt train, 1 worker, nanoGPT recipe vs the plain loop (nanoGPT-equivalent) in this process."""
+    """(a) raygpt train, 1 worker, nanoGPT recipe vs the plain loop (nanoGPT-equivalent) in this process.
+
+    Peers, interleaved in every repeat: the plain loop with torch's default threads (2 here, what nanoGPT
+    uses) and with 1 thread; raygpt with bf16 autocast + fused AdamW on 2 threads and on 1 thread."""
     ray_init()
-    plain, ray_runs = [], []
+    runs: dict[str, list[dict]] = {"plain-2t": [], "plain-1t": [], "raygpt-2t": [], "raygpt-1t": []}
+    common = [f"max_steps={iters}", f"optim.decay_steps={max(iters, 200)}", f"eval_interval={iters}", "ckpt_interval=0"]
     for i in range(repeats):
-        plain.append(plain_loop(iters))
-        ray_runs.append(raygpt_run(f"a{i}", [f"max_steps={iters}", f"optim.decay_steps={iters}"]))
-        print(json.dumps({"repeat": i, "plain": plain[-1]["tokens_per_s"], "raygpt": ray_runs[-1]["tokens_per_s"]}),
-              flush=True)
-    return {"plain_tokens_per_s": _median(plain, "tokens_per_s"), "raygpt_tokens_per_s": _median(ray_runs, "tokens_per_s"),
-            "ratio": statistics.median(r["tokens_per_s"] / p["tokens_per_s"] for r, p in zip(ray_runs, plain)),
-            "plain_ms_per_iter": _median(plain, "ms_per_iter"), "raygpt_ms_per_iter": _median(ray_runs, "ms_per_iter"),
-            "plain_val_loss": _median(plain, "val_loss"), "raygpt_val_loss": _median(ray_runs, "val_loss"),
-            "plain_wall_s": _median(plain, "wall_s"), "raygpt_wall_s": _median(ray_runs, "wall_s"),
-            "raygpt_mfu": _median(ray_runs, "mfu"), "raygpt_peak_rss_mb": ray_runs[-1]["peak_rss_mb"],
-            "plain_peak_rss_mb": plain[-1]["peak_rss_mb"], "runs": {"plain": plain, "raygpt": ray_runs}}
+        runs["plain-2t"].append(plain_loop(iters, threads=2, eval_interval=0))
+        runs["raygpt-2t"].append(raygpt_run(f"a2-{i}", common + ["torch_threads=2"]))
+        runs["plain-1t"].append(plain_loop(iters, threads=1, eval_interval=0))
+        runs["raygpt-1t"].append(raygpt_run(f"a1-{i}", common + ["torch_threads=1"]))
+        print(json.dumps({"repeat": i, **{k: round(v[-1]["tokens_per_s"]) for k, v in runs.items()},
+                          "load": os.getloadavg()}), flush=True)
+    med = {k: _median(v, "tokens_per_s") for k, v in runs.items()}
+    ratio = {f"{r}/{p}": statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[r], runs[p]))
+             for r, p in (("raygpt-2t", "plain-2t"), ("raygpt-1t", "plain-1t"), ("raygpt-1t", "plain-2t"))}
+    best = max(("raygpt-2t", "raygpt-1t"), key=lambda k: med[k])
+    return {"tokens_per_s_median": med, "ms_per_iter_median": {k: _median(v, "ms_per_iter") for k, v in runs.items()},
+            "ratios_same_repeat_median": ratio, "best_raygpt": best,
+            "best_raygpt_vs_nanogpt_reference_19k": med[best] / 19000.0,
+            "raygpt_mfu": {k: _median(runs[k], "mfu") for k in ("raygpt-2t", "raygpt-1t")},
+            "raygpt_peak_rss_mb": runs[best][-1]["peak_rss_mb"], "plain_peak_rss_mb": runs["plain-2t"][-1]["peak_rss_mb"],
+            "runs": runs}
+
+
+def full_recipe(repeats: int) -> dict:
+    """The whole recipe (2000 iters, evals every 250) once per repeat: raygpt and the plain loop, val loss + wall."""
+    ray_init()
+    out = {"plain": [], "raygpt": []}
+    for i in range(repeats):
+        out["plain"].append(plain_loop(2000))
+        out["raygpt"].append(raygpt_run(f"full-{i}", []))
+        print(json.dumps({"repeat": i, "plain_val": out["plain"][-1]["val_loss"], "plain_wall": out["plain"][-1]["wall_s"],
+                          "raygpt_val": out["raygpt"][-1]["val_loss"], "raygpt_wall": out["raygpt"][-1]["wall_s"],
+                          "load": os.getloadavg()}), flush=True)
+    return {k: {"val_loss": _median(v, "val_loss"), "wall_s": _median(v, "wall_s"),
+                "tokens_per_s": _median(v, "tokens_per_s")} for k, v in out.items()} | {"runs": out}
 
 
 def bench_b(repeats: int, iters: int) -> dict:
-    """(b) 2 workers ZeRO-2 (1 core + 1 thread each, micro batch 6) vs 1 worker (2 cores, micro batch 12)."""
+    """(b) 2 workers ZeRO-2 (1 CPU + 1 thread each, micro batch 6) vs 1 worker on both cores (micro batch 12,
+    2 threads; and 1 thread as a second peer), same global batch of 12, same 2 cores."""
     ray_init()
-    one, two = [], []
-    common = [f"max_steps={iters}", f"optim.decay_steps={iters}", "eval_interval=0", "ckpt_interval=0"]
+    runs: dict[str, list[dict]] = {"one-2t": [], "one-1t": [], "two-zero2": []}
+    common = [f"max_steps={iters}", f"optim.decay_steps={max(iters, 200)}", "eval_interval=0", "ckpt_interval=0"]
     for i in range(repeats):
-        one.append(raygpt_run(f"b1-{i}", common))
-        two.append(raygpt_run(f"b2-{i}", common + ["num_workers=2", "zero_stage=2", "batch.micro_batch_size=6",
-                                                   "resources_per_worker={CPU: 1}"]))
-        print(json.dumps({"repeat": i, "one": one[-1]["tokens_per_s"], "two_zero2": two[-1]["tokens_per_s"]}), flush=True)
-    return {"one_worker_tokens_per_s": _median(one, "tokens_per_s"), "two_workers_tokens_per_s": _median(two, "tokens_per_s"),
-            "ratio": statistics.median(t["tokens_per_s"] / o["tokens_per_s"] for t, o in zip(two, one)),
-            "two_workers_peak_rss_mb": two[-1]["peak_rss_mb"], "one_worker_peak_rss_mb": one[-1]["peak_rss_mb"],
-            "two_workers_mfu": _median(two, "mfu"), "runs": {"one": one, "two": two}}
+        runs["one-2t"].append(raygpt_run(f"b1-{i}", common + ["torch_threads=2"]))
+        runs["two-zero2"].append(raygpt_run(f"b2-{i}", common + [
+            "num_workers=2", "zero_stage=2", "batch.micro_batch_size=6", "resources_per_worker={CPU: 1}"]))
+        runs["one-1t"].append(raygpt_run(f"b1t-{i}", common + ["torch_threads=1"]))
+        print(json.dumps({"repeat": i, **{k: round(v[-1]["tokens_per_s"]) for k, v in runs.items()},
+                          "load": os.getloadavg()}), flush=True)
+    med = {k: _median(v, "tokens_per_s") for k, v in runs.items()}
+    return {"tokens_per_s_median": med,
+            "ratio_two_vs_one_2t": statistics.median(t["tokens_per_s"] / o["tokens_per_s"]
+                                                     for t, o in zip(runs["two-zero2"], runs["one-2t"])),
+            "ratio_two_vs_one_1t": statistics.median(t["tokens_per_s"] / o["tokens_per_s"]
+                                                     for t, o in zip(runs["two-zero2"], runs["one-1t"])),
+            "peak_rss_mb": {k: v[-1]["peak_rss_mb"] for k, v in runs.items()},
+            "mfu": {k: _median(v, "mfu") for k, v in runs.items()}, "runs": runs}
 
 
 def bench_c(repeats: int, overrides: list[str]) -> dict:
@@ -261,19 +292,21 @@ def sweep(iters: int, repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", nargs="?", choices=("a", "b", "c", "sweep"), default=None)
+    ap.add_argument("what", nargs="?", choices=("a", "full", "b", "c", "sweep"), default=None)
     ap.add_argument("--prepare-data", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("overrides", nargs="*", help="(c) TrainConfig overrides, e.g. optim.lr=2e-3 max_steps=1200")
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()
     prepare_data()
     if a.prepare_data and not a.what:
         print(f"dataset ready: {DATA}")
         return
     t0 = time.time()
     if a.what == "a":
-        out = bench_a(a.repeats, a.iters or 2000)
+        out = bench_a(a.repeats, a.iters or 300)
+    elif a.what == "full":
+        out = full_recipe(a.repeats)
     elif a.what == "b":
         out = bench_b(a.repeats, a.iters or 400)
     elif a.what == "c":

@@ -792,7 +792,9 @@ class Engine:
         # lay out rows: request i's first completion in slot n0 + i, extra samples (n > 1) after
         seqs, src_rows = [], []
         for i, r in enumerate(batch):
-            seed = r.params.seed if r.params.seed is not None else int(torch.randint(0, 2 ** 62, (1,)))
+            seed = r.params.seed
+            if seed is None and r.params.temperature > 0:  # unseeded: follow torch's global RNG
+                seed = int(torch.randint(0, 2 ** 62, (1,)))
             for j in range(r.params.n):
                 g = None
                 if r.params.temperature > 0:

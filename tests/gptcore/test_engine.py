@@ -286,26 +286,31 @@ def test_beam_search_returns_n_best_beams_sorted(engine):
 
 
 def test_continuous_batching_requests_joining_mid_flight_match_alone(model):
-    eng = Engine(model, PairTokenizer(), max_batch_size=3)
-    plan = {0: [("a", PROMPTS[0], 10), ("b", PROMPTS[1], 4)], 2: [("c", PROMPTS[2], 12)],
-            3: [("d", PROMPTS[3], 6), ("e", [9, 9], 5)]}  # e waits for a free slot
+    eng = Engine(model, PairTokenizer(), max_batch_size=4)
+    seeded = SamplingParams(max_new_tokens=9, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    plan = {0: [("a", PROMPTS[0], greedy(max_new_tokens=10, ignore_eos=True)),
+                ("b", PROMPTS[1], greedy(max_new_tokens=4, ignore_eos=True))],
+            1: [("s", PROMPTS[3], seeded)],
+            2: [("c", PROMPTS[2], greedy(max_new_tokens=12, ignore_eos=True))],
+            3: [("d", PROMPTS[3], greedy(max_new_tokens=6, ignore_eos=True)),
+                ("e", [9, 9], greedy(max_new_tokens=5, ignore_eos=True))]}  # d/e wait for free slots
     got: dict[str, list[int]] = {}
     reasons = {}
     step = 0
     while step in plan or eng.has_unfinished():
-        for rid, prompt, m in plan.get(step, []):
-            eng.add_request(rid, prompt, greedy(max_new_tokens=m, ignore_eos=True))
+        for rid, prompt, params in plan.get(step, []):
+            eng.add_request(rid, prompt, params)
         outs = eng.step()
         assert len({(o.request_id, o.index) for o in outs}) == len(outs)
-        assert len(eng._rows) <= 3
+        assert len(eng._rows) <= 4
         for o in outs:
             got.setdefault(o.request_id, []).extend(o.new_token_ids)
             if o.finished:
                 reasons[o.request_id] = o.finish_reason
         step += 1
     alone = Engine(model, PairTokenizer())
-    for rid, prompt, m in [x for v in plan.values() for x in v]:
-        ref = alone.generate([prompt], greedy(max_new_tokens=m, ignore_eos=True))[0].outputs[0].token_ids
+    for rid, prompt, params in [x for v in plan.values() for x in v]:
+        ref = alone.generate([prompt], params)[0].outputs[0].token_ids
         assert got[rid] == ref, rid
         assert reasons[rid] == "length"
     assert not eng.has_unfinished() and eng._rows == []
