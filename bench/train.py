@@ -5,6 +5,7 @@
     .venv/bin/python bench/train.py full [--repeats 1]      # (a) the whole 2000-iter recipe: val loss, wall time
     .venv/bin/python bench/train.py b [--repeats 3]         # (b) 2 workers ZeRO-2 vs 1 process, same 2 cores
     .venv/bin/python bench/train.py c [--repeats 3]         # (c) wall time to val loss <= 1.88 through Ray
+                                                            #     (train-shakespeare-char-fast.yaml [key=value ...])
     .venv/bin/python bench/train.py sweep                   # plain-loop variants: what helps on this CPU
 
 Data: char-level Tiny Shakespeare, nanoGPT's split (first 90% of the text train, last 10% val), 65-char
@@ -34,6 +35,7 @@ SHARED = Path(os.environ.get("RAYGPT_SHARED_DATA", REPO.parent / "shared" / "dat
 DATA = REPO / "runs" / "data" / "shakespeare-char-64"
 RUNS = REPO / "runs" / "bench" / "train"
 RECIPE = REPO / "jobs" / "configs" / "train-shakespeare-char.yaml"
+FAST = REPO / "jobs" / "configs" / "train-shakespeare-char-fast.yaml"
 sys.path.insert(0, str(REPO))
 
 
@@ -167,7 +169,7 @@ def ray_init() -> None:
         ray.init(include_dashboard=False, log_to_driver=False)
 
 
-def raygpt_run(name: str, overrides: list[str]) -> dict:
+def raygpt_run(name: str, overrides: list[str], recipe: Path = RECIPE) -> dict:
     import shutil
 
     from pipelines.config import load_config
@@ -177,7 +179,7 @@ def raygpt_run(name: str, overrides: list[str]) -> dict:
 
     rd = RUNS / name
     shutil.rmtree(rd, ignore_errors=True)
-    cfg = load_config(TrainConfig, RECIPE, [f"data={DATA}", f"run_dir={rd}", "log.progress=false", *overrides])
+    cfg = load_config(TrainConfig, recipe, [f"data={DATA}", f"run_dir={rd}", "log.progress=false", *overrides])
     t0 = time.time()
     res = run(cfg)
     wall = time.time() - t0
@@ -262,11 +264,12 @@ def bench_b(repeats: int, iters: int) -> dict:
 
 
 def bench_c(repeats: int, overrides: list[str]) -> dict:
-    """(c) wall clock from `run(cfg)` (Ray already up) to the first eval with val loss <= 1.88."""
+    """(c) wall clock from `run(cfg)` (Ray already up) to the first eval with val loss <= 1.88, with
+    jobs/configs/train-shakespeare-char-fast.yaml (+ overrides)."""
     ray_init()
     out = []
     for i in range(repeats):
-        r = raygpt_run(f"c{i}", overrides)
+        r = raygpt_run(f"c{i}", overrides, FAST)
         hit = [t for step, v, t in r["evals"] if v <= 1.88]
         r["time_to_1.88_s"] = hit[0] if hit else None
         out.append(r)

@@ -654,7 +654,9 @@ def _generate(cfg, prepared, local_blocks, plan, pending, ckpt_id, tok_id, schem
     sel = dict(boundaries=[c["first_id"] for c in chunks], pending=pending, keep_hash=plan["keep_hash"],
                last_id=plan["last_id"])
     n_rows = sum(chunks[i]["ids"] for i in pending)
-    rows_per_block = cfg.batch_size * 4  # a few batches per block: actors share work, chunks commit early
+    # two batches per block (= per actor task): actors share the work and a block's outputs reach the
+    # driver, which commits the chunks they complete, soon after it was generated
+    rows_per_block = cfg.batch_size * 2
     if local_blocks is not None:
         # small job: order the rows on the driver (one pass, no shuffle tasks)
         import pyarrow as pa

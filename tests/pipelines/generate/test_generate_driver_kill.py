@@ -34,7 +34,7 @@ def ray_pids_under(tmpdir: str) -> list[int]:
 @pytest.mark.slow
 def test_killed_driver_resumes_without_loss_or_duplicates(ray_session, tiny_checkpoint, tmp_path):
     sents = [s + " ." for s in FIX.WORDS.split(" . ") if s.strip()]
-    rows = [{"id": f"d{i:03d}", "article": sents[i % len(sents)]} for i in range(30)]
+    rows = [{"id": f"d{i:03d}", "article": sents[i % len(sents)]} for i in range(40)]
     inp = FIX.write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     args = ["--checkpoint", str(tiny_checkpoint), "--input", str(inp), "--output", str(out), "--task", "summarize",
@@ -61,19 +61,19 @@ def test_killed_driver_resumes_without_loss_or_duplicates(ray_session, tiny_chec
     assert gone, "processes of the killed driver's local Ray were left running"
 
     committed = {n: (s.st_ino, s.st_mtime_ns) for n, s in FIX.shards(out).items()}
-    assert 1 <= len(committed) < 6, committed
+    assert 1 <= len(committed) < 8, committed
     assert not (out / "manifest.json").exists(), "a killed run must not leave a manifest"
 
     summary = run(GenerateConfig(checkpoint=str(tiny_checkpoint), input=str(inp), output=str(out), task="summarize",
                                  sampling={"max_new_tokens": 4, "truncate": "left"}, chunk_rows=5, batch_size=5,
                                  torch_threads=1))
     assert summary["chunks_skipped"] == len(committed)
-    assert summary["chunks_generated"] == 6 - len(committed)
+    assert summary["chunks_generated"] == 8 - len(committed)
     after = {n: (s.st_ino, s.st_mtime_ns) for n, s in FIX.shards(out).items()}
     assert all(after[n] == v for n, v in committed.items()), "a committed shard was regenerated"
     got = FIX.read_rows(out)
     keys = [(r["id"], r["index"]) for r in got]
-    assert len(keys) == len(set(keys)) == 30 and {k[0] for k in keys} == {r["id"] for r in rows}
+    assert len(keys) == len(set(keys)) == 40 and {k[0] for k in keys} == {r["id"] for r in rows}
     logs = FIX.run_logs(out)
     assert logs[0]["status"] == "running"  # the killed run never finished its record
     # its record may lag its last commit (killed in between); the shards are the truth
