@@ -2,7 +2,7 @@
 called directly in one process, vs Hugging Face transformers `generate`, on the same weights, prompts
 and batch size.
 
-    .venv/bin/python bench/batch_generate.py [--prompts 2000] [--max-new-tokens 16] [--batch-size 32]
+    .venv/bin/python bench/batch_generate.py [--prompts 2000] [--max-new-tokens 64] [--batch-size 32]
                                              [--repeats 3] [--threads 1] [--actors 2] [--out runs/bench/batch_generate]
 
 Prompts: the first N articles of ../shared/data (bbc-news-summary, cnndm-frank, xsum-frank, scitldr),
@@ -175,7 +175,7 @@ def worker(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=2000)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--field-chars", type=int, default=300)
     ap.add_argument("--chunk-rows", type=int, default=250)

@@ -1,7 +1,8 @@
 """Serving benchmark: the Ray Serve OpenAI endpoint at 1, 4 and 16 concurrent clients vs the offline engine.
 
     .venv/bin/python bench/serve.py [--checkpoint CKPT | --preset tiny [--model n_layer=6 ...]] [--requests 64] \
-        [--new-tokens 64] [--rounds 3] [--pairs 20] [--threads 1] [--stream-interval 0] [--markdown]
+        [--new-tokens 64] [--rounds 3] [--pairs 20] [--threads 1] [--stream-interval 0] [--markdown] \
+        [--serve-env KEY=VALUE ...] [--target proxy|replica]
 
 Builds (or loads) a checkpoint, then per round, interleaved so machine noise hits all alike:
   offline  engine.generate on 16 prompts at once (tokens/s at batch 16) and on 1 prompt (latency of a
@@ -14,6 +15,11 @@ Goal figures come from back-to-back pairs, so that the noise of a shared machine
 alike: offline batch-16 run then a 16-client serve run (ratio of tokens/s, median over pairs), and a
 direct engine call then one HTTP request with the same prompt (difference, median over pairs).
 The HTTP clients run in this process, on the same cores as Serve: they take a share of the CPU.
+--serve-env sets Ray Serve environment knobs (e.g. RAY_SERVE_ENABLE_HA_PROXY=1,
+RAY_SERVE_THROUGHPUT_OPTIMIZED=1) in this process before Ray starts, so the local raylet and every
+Serve process (controller, proxy, replicas) inherit them; --target replica sends the requests
+straight to the replica's own HTTP port (direct ingress without HAProxy) instead of the port given
+to serve.start.
 Does not: assert on timings, use the network beyond 127.0.0.1, or leave Ray running.
 """
 
@@ -129,10 +135,62 @@ async def load(url: str, ps: list[str], clients: int, requests: int, new_tokens:
             "ttft_p50": pct(ttft, 50) if ttft else float("nan")}
 
 
+# ---- CPU accounting (load-independent: CPU seconds per request do not grow with the machine's load) ---------
+
+def _role(p) -> str:
+    name = " ".join(p.cmdline()[:1]) or p.name()
+    for key, role in (("ServeReplica", "replica"), ("ProxyActor", "proxy"), ("haproxy", "haproxy"),
+                      ("HAProxy", "proxy"), ("ServeController", "controller")):
+        if key in name or key in p.name():
+            return role
+    return "ray other"
+
+
+def cpu_snapshot() -> dict[str, float]:
+    """CPU seconds so far of this process ("client") and of every process it started (Ray, Serve, HAProxy)."""
+    import psutil
+
+    me = psutil.Process()
+    out: dict[str, float] = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            role = "client" if p.pid == me.pid else _role(p)
+        except psutil.Error:
+            continue
+        out[f"{role}:{p.pid}"] = t.user + t.system
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per role between two snapshots (processes present in `after`)."""
+    out: dict[str, float] = {}
+    for k, v in after.items():
+        role = k.split(":")[0]
+        out[role] = out.get(role, 0.0) + v - before.get(k, 0.0)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def replica_port(app: str) -> int:
+    """HTTP port of the app's (single) ingress replica in direct-ingress mode."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        groups = ray.get(controller.get_target_groups.remote(app, True))
+        ports = [t.port for g in groups if g.protocol == "HTTP" and g.app_name == app for t in g.targets]
+        if ports:
+            return ports[0]
+        time.sleep(0.5)
+    raise RuntimeError("no direct-ingress HTTP port for the app: is RAY_SERVE_ENABLE_DIRECT_INGRESS=1 set?")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,8 +211,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=20,
                     help="back-to-back pairs per round for the goal figures (latency pairs; /4 throughput pairs)")
     ap.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    ap.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment variable for Ray/Serve, set before Ray starts (repeatable), e.g. "
+                         "RAY_SERVE_ENABLE_HA_PROXY=1; KEY= (empty) unsets it")
+    ap.add_argument("--target", choices=("proxy", "replica"), default="proxy",
+                    help="where requests go: the serve.start port (proxy, or HAProxy with "
+                         "RAY_SERVE_ENABLE_HA_PROXY=1) or the replica's own direct-ingress HTTP port "
+                         "(needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    serve_env = {}
+    for kv in args.serve_env:
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            ap.error(f"--serve-env wants KEY=VALUE, got {kv!r}")
+        serve_env[k] = v
+        if v:
+            os.environ[k] = v
+        else:
+            os.environ.pop(k, None)
     sys.path.insert(0, str(REPO))
     import torch
 
@@ -178,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{mc.block_size}), stream_interval_s {args.stream_interval}, "
           f"{args.new_tokens} new tokens/request, {args.requests} requests/level, {args.threads} torch threads, "
           f"{os.cpu_count()} cores", flush=True)
+    print(f"serve env {serve_env or '(Ray defaults)'}, requests to the {args.target}", flush=True)
 
     ray.init(address="local", num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads),
+                                       **{k: v for k, v in serve_env.items() if v}}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": str(ckpt), "model_name": "bench", "num_cpus": args.threads,
@@ -188,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                          "auth": {"api_keys_env": None}, "batching": {"max_batch_size": 16},
                          "limits": {"max_tokens": args.new_tokens}, "stream_interval_s": args.stream_interval}),
               name="bench", route_prefix="/")
+    if args.target == "replica":
+        port = replica_port("bench")
     url = f"http://127.0.0.1:{port}/v1/completions"
     asyncio.run(load(url, ps, 4, 8, 8, True))  # warm-up: connections, replica code paths
     asyncio.run(load(url, ps, 4, 8, 8, False))
@@ -196,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     pairs_tps: list[tuple[float, float]] = []  # (offline@16, serve@16) measured back to back
     pairs_lat: list[tuple[float, float]] = []  # (direct call, serve@1 request) back to back
     health: list[float] = []
+    cpu: dict[str, float] = {}  # CPU seconds per role over the 16-client runs of the throughput pairs
+    cpu_requests = 0
+    offline_cpu: list[float] = []  # CPU seconds per request of the offline batch-16 runs
     import httpx
 
     http = httpx.Client(timeout=120)
@@ -206,8 +288,15 @@ def main(argv: list[str] | None = None) -> int:
                 rows[f"s{c}"].append(asyncio.run(load(url, ps, c, args.requests, args.new_tokens, stream=True)))
             # goal 1: alternate offline batch-16 runs and 16-client serve runs (32 requests)
             for _ in range(args.pairs // 4):
-                pairs_tps.append((offline16(engine, ps, args.new_tokens),
-                                  asyncio.run(load(url, ps, 16, 32, args.new_tokens, stream=False))["tps"]))
+                c0 = time.process_time()
+                off = offline16(engine, ps, args.new_tokens)
+                offline_cpu.append((time.process_time() - c0) / 16)
+                snap = cpu_snapshot()
+                srv = asyncio.run(load(url, ps, 16, 32, args.new_tokens, stream=False))["tps"]
+                for role, v in cpu_delta(snap, cpu_snapshot()).items():
+                    cpu[role] = cpu.get(role, 0.0) + v
+                cpu_requests += 32
+                pairs_tps.append((off, srv))
             # goal 2: alternate a direct engine call and one HTTP request (keep-alive client) with the same prompt
             for i in range(args.pairs):
                 p = ps[i % len(ps)]
@@ -251,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"goal 2: direct engine call p50 {d50 * 1e3:.1f} ms, serve@1 request p50 {h50 * 1e3:.1f} ms; median of "
           f"{len(pairs_lat)} back-to-back differences = {over * 1e3:.1f} ms (goal < 10 ms); for reference "
           f"GET /health p50 {statistics.median(health) * 1e3:.1f} ms (Serve's proxy round trip alone)")
+    if cpu_requests:
+        per = {r: v / cpu_requests * 1e3 for r, v in sorted(cpu.items(), key=lambda kv: -kv[1])}
+        print(f"CPU ms per request at 16 clients ({cpu_requests} requests): " +
+              ", ".join(f"{r} {v:.1f}" for r, v in per.items()) + f"; total {sum(per.values()):.1f} "
+              f"(offline engine: {statistics.median(offline_cpu) * 1e3:.1f} ms per request at batch 16)")
     if args.markdown:
         print("\n| clients | tokens/s | p50 latency ms | p99 latency ms | streaming tokens/s | TTFT p50 ms |\n"
               "|---:|---:|---:|---:|---:|---:|")

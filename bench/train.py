@@ -166,7 +166,9 @@ def ray_init() -> None:
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # with the dashboard: Ray Train's placement-group cleaner needs this cluster's State API (see
+        # pipelines.train.trainer._warn_without_dashboard)
+        ray.init(log_to_driver=False)
 
 
 def raygpt_run(name: str, overrides: list[str], recipe: Path = RECIPE) -> dict:

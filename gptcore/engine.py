@@ -64,6 +64,7 @@ from gptcore.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    argmax,
     no_repeat_ngram_mask,
     sample_from_probs,
     token_presence,
@@ -251,26 +252,33 @@ class _Forward:
             attn_mask = torch.zeros(visible.shape, dtype=adt, device=idx.device).masked_fill_(~visible, float("-inf"))
         x = F.embedding(idx, self.wte) + F.embedding(pos.clamp(max=cfg.block_size - 1), self.wpe)  # (B, T, C)
         x = x.view(B * T, C)
-        if lo != hi:  # ragged rows: write each row's keys at its own offset
+        if lo != hi:
             scatter_idx = pos[:, None, :, None].expand(B, nh, T, hs)  # (B, nh, T, hs)
         eps = cfg.layer_norm_epsilon
         upcast = adt != self.dtype
         layer_norm, sdpa = torch.layer_norm, F.scaled_dot_product_attention
+        decode = T == 1 and lo == hi  # the hot path: one token per row, all rows equally long
         for layer, (w1, b1, attn, proj, w2, b2, fc, fc2) in enumerate(self.layers):
             h = layer_norm(x, (C,), w1, b1, eps)
-            qkv = attn(h).view(B, T, 3, nh, hs)
-            q = qkv[:, :, 0].transpose(1, 2)  # (B, nh, T, hs)
+            kc, vc = cache.k[layer], cache.v[layer]
+            if decode:  # fewer tensor ops: with T == 1 no transposes are needed
+                qkv = attn(h)  # (B, 3C)
+                q = qkv[:, :C].view(B, nh, 1, hs)
+                kc[:, :, lo] = qkv[:, C:2 * C].view(B, nh, hs)
+                vc[:, :, lo] = qkv[:, 2 * C:].view(B, nh, hs)
+            else:
+                qkv = attn(h).view(B, T, 3, nh, hs)
+                q = qkv[:, :, 0].transpose(1, 2)  # (B, nh, T, hs)
+                if lo == hi:  # all rows at the same length (static batch): a plain strided copy
+                    kc[:, :, lo:lo + T] = qkv[:, :, 1].transpose(1, 2)
+                    vc[:, :, lo:lo + T] = qkv[:, :, 2].transpose(1, 2)
+                else:  # ragged rows: each row's keys go at its own offset
+                    kc.scatter_(2, scatter_idx, qkv[:, :, 1].transpose(1, 2).to(adt))
+                    vc.scatter_(2, scatter_idx, qkv[:, :, 2].transpose(1, 2).to(adt))
             if upcast:
                 q = q.to(adt)
-            kc, vc = cache.k[layer], cache.v[layer]
-            if lo == hi:  # all rows at the same length (static batch): a plain strided copy
-                kc[:, :, lo:lo + T] = qkv[:, :, 1].transpose(1, 2)
-                vc[:, :, lo:lo + T] = qkv[:, :, 2].transpose(1, 2)
-            else:
-                kc.scatter_(2, scatter_idx, qkv[:, :, 1].transpose(1, 2).to(adt))
-                vc.scatter_(2, scatter_idx, qkv[:, :, 2].transpose(1, 2).to(adt))
-            y = sdpa(q, kc[:, :, :t_used], vc[:, :, :t_used], attn_mask=attn_mask)
-            y = y.transpose(1, 2).reshape(B * T, C)
+            y = sdpa(q, kc[:, :, :t_used], vc[:, :, :t_used], attn_mask=attn_mask)  # (B, nh, T, hs)
+            y = y.reshape(B, C) if decode else y.transpose(1, 2).reshape(B * T, C)
             x = x + proj(y.to(self.dtype) if upcast else y)
             h = layer_norm(x, (C,), w2, b2, eps)
             x = x + fc2(fc(h, gelu=True))
@@ -710,6 +718,9 @@ class Engine:
                 top_k=torch.tensor([p.top_k for p in ps], dtype=torch.long, device=dev),
                 top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev),
                 rep=torch.tensor([p.repetition_penalty for p in ps], dtype=torch.float32, device=dev),
+                # the common serving/benchmark case: argmax of the raw logits for every row
+                plain_greedy=all(p.temperature == 0 and p.repetition_penalty == 1.0 and not p.logprobs
+                                 and p.no_repeat_ngram_size == 0 for p in ps),
             )
         return self._row_params
 
@@ -719,6 +730,8 @@ class Engine:
         """Next token of running rows [start, start + len(logits)) from their (m, V) logits, each with
         its own parameters (HF order: repetition penalty, n-gram ban, temperature, top-k, top-p)."""
         rp = self._params_tensors()
+        if rp["plain_greedy"]:
+            return argmax(logits).tolist(), None
         m = logits.shape[0]
         stop = start + m
         temps = rp["temperature_list"][start:stop]
@@ -736,7 +749,7 @@ class Engine:
             if r_idx:
                 x = x.clone() if x is logits else x
                 x[torch.tensor(r_idx, device=x.device), torch.tensor(t_idx, device=x.device)] = float("-inf")
-        nxt = x.argmax(dim=-1)  # greedy rows (the fast path when every row is greedy)
+        nxt = argmax(x)  # greedy rows (the fast path when every row is greedy); same ties as torch.argmax
         rows = [i for i, t in enumerate(temps) if t > 0]
         if rows:
             ri = torch.tensor(rows, device=x.device)

@@ -28,6 +28,7 @@ __all__ = [
     "apply_temperature",
     "apply_top_k",
     "apply_top_p",
+    "argmax",
     "banned_ngram_tokens",
     "no_repeat_ngram_mask",
     "NGramIndex",
@@ -252,6 +253,26 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor | float) -> torch.Tens
     remove_sorted &= active[:, None]
     remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)  # back to vocabulary order
     return logits.masked_fill(remove, float("-inf"))
+
+
+def argmax(logits: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """Row-wise argmax of (B, V), equal to `logits.argmax(-1)` (first index of the maximum) but
+    ~5-10x faster on CPU for large V: torch's argmax reduction is not vectorised, amax is. Take
+    the max of each block of `block` columns, pick the first block holding the row maximum, then
+    the first position of the maximum inside it."""
+    B, V = logits.shape
+    nb = V // block
+    if nb < 4 or not logits.is_contiguous() or logits.device.type != "cpu":
+        return logits.argmax(dim=-1)
+    main = logits[:, :nb * block].view(B, nb, block)  # (B, nb, block)
+    block_max = main.amax(dim=-1)  # (B, nb)
+    blk = block_max.argmax(dim=-1)  # (B,) first block that holds the row maximum
+    rows = torch.arange(B, device=logits.device)
+    idx = blk * block + main[rows, blk].argmax(dim=-1)  # first maximum inside that block
+    if nb * block < V:  # the last V % block columns: they win only if strictly larger
+        tail_val, tail_idx = logits[:, nb * block:].max(dim=-1)
+        idx = torch.where(tail_val > block_max[rows, blk], tail_idx + nb * block, idx)
+    return idx
 
 
 def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

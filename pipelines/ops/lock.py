@@ -7,8 +7,9 @@
 The lock file holds JSON {host, pid, token, started_at, heartbeat_at, ttl_s, note}. It is created with
 O_CREAT|O_EXCL (atomic on POSIX filesystems, NFS v3+ included), and refreshed by a heartbeat thread.
 A lock is stale when its owner is a dead pid on this host, or its heartbeat is older than ttl_s (owner
-on another host, or hung). Takeover is race-free: the stale file is first renamed to a unique name
-(only one contender's rename can succeed), then the lock is created again with O_EXCL.
+on another host, or hung). Takeover: under a short second lock (`<lock>.takeover`, O_EXCL) a contender
+re-reads the lock, deletes it only if it is still stale, then competes for the O_EXCL create like
+everyone else, so exactly one contender ends up owning it.
 Object-store URLs (s3://...) get a best-effort variant (write, then read back our token).
 Does not: fence a stale owner that comes back to life (its heartbeat notices the takeover and stops
 refreshing, but it is not killed); the generate stage's exactly-once commit makes that harmless.
@@ -167,35 +168,58 @@ class RunLock:
             return 0.0
 
     def _remove_stale(self, judged: bytes) -> bool:
-        """Move the stale lock aside; True if THIS process did it. Exactly one contender's rename can
-        succeed; and if, between our judgement and our rename, another contender already replaced the
-        stale file by its fresh lock, we notice (different bytes) and put that lock back."""
-        if self._fs is not None:
-            aside = f"{self._fpath}.stale-{self.token[:8]}"
+        """Delete the lock we judged stale; True if THIS process did it. Local files: under a short
+        takeover mutex (`<lock>.takeover`, O_EXCL), re-read and re-judged there, so a fresh lock that a
+        faster contender created meanwhile is never removed."""
+        if self._fs is not None:  # object stores: best effort
             try:
-                self._fs.mv(self._fpath, aside)
+                self._fs.rm(self._fpath)
+                return True
             except (FileNotFoundError, OSError):
                 return False
-            return True
-        aside = f"{self.path}.stale-{self.token[:8]}"
-        try:
-            os.rename(self.path, aside)
-        except (FileNotFoundError, OSError):
+        mutex = self._take_mutex()
+        if mutex is None:
+            time.sleep(0.05)
             return False
-        if self._read_raw(aside) == judged:
-            os.remove(aside)
+        try:
+            raw = self._read_raw()
+            if raw is None:
+                return False  # already gone: the caller retries the exclusive create
+            owner = self._parse(raw) or {"heartbeat_at_epoch": self._mtime(), "ttl_s": self.ttl_s}
+            if raw != judged and not inspect_lock(owner).stale:
+                return False  # replaced by a live owner meanwhile: the caller sees it held
+            os.remove(self.path)
             return True
-        try:  # we moved someone's fresh lock: restore it (link fails if yet another one exists)
-            os.link(aside, self.path)
+        finally:
+            self._drop_mutex(mutex)
+
+    def _take_mutex(self) -> str | None:
+        """The short `<lock>.takeover` mutex (O_EXCL) that serialises takeovers and heartbeat refreshes of a
+        local lock file; None if someone else holds it. One left by a process that died holding it
+        expires after 30 s."""
+        mutex = f"{self.path}.takeover"
+        try:
+            os.close(os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return mutex
+        except FileExistsError:
+            try:
+                if time.time() - os.path.getmtime(mutex) > 30:
+                    os.remove(mutex)
+            except OSError:
+                pass
+            return None
+
+    @staticmethod
+    def _drop_mutex(mutex: str) -> None:
+        try:
+            os.remove(mutex)
         except OSError:
             pass
-        os.remove(aside)
-        return False
 
     # ---- public ------------------------------------------------------------------------------
 
     def acquire(self) -> "RunLock":
-        for _ in range(10):
+        for _ in range(50):
             if self._create_exclusive():
                 self._start_heartbeat()
                 return self
@@ -234,22 +258,35 @@ class RunLock:
     def _start_heartbeat(self) -> None:
         def beat():
             while not self._stop.wait(self.heartbeat_s):
-                d = self._read()
-                if not d or d.get("token") != self.token:
-                    self._lost = True
-                    return
-                data = self._content()
-                try:
-                    if self._fs is not None:
+                if self._fs is not None:  # object stores: best effort (read, check, write)
+                    d = self._read()
+                    if not d or d.get("token") != self.token:
+                        self._lost = True
+                        return
+                    try:
                         with self._fs.open(self._fpath, "wb") as f:
-                            f.write(data)
-                    else:
-                        tmp = f"{self.path}.hb-{self.token[:8]}"
-                        with open(tmp, "wb") as f:
-                            f.write(data)
-                        os.replace(tmp, self.path)
+                            f.write(self._content())
+                    except OSError:
+                        pass
+                    continue
+                # local files: check-then-replace under the takeover mutex, so a takeover that lands
+                # between our read and our replace is never overwritten by this refresh
+                mutex = self._take_mutex()
+                if mutex is None:
+                    continue  # a takeover (or another refresh) is in progress: beat next time
+                try:
+                    d = self._read()
+                    if not d or d.get("token") != self.token:
+                        self._lost = True
+                        return
+                    tmp = f"{self.path}.hb-{self.token[:8]}"
+                    with open(tmp, "wb") as f:
+                        f.write(self._content())
+                    os.replace(tmp, self.path)
                 except OSError:
                     pass
+                finally:
+                    self._drop_mutex(mutex)
 
         self._thread = threading.Thread(target=beat, name="runlock-heartbeat", daemon=True)
         self._thread.start()

@@ -173,6 +173,27 @@ def _check_resources(cfg: TrainConfig) -> None:
                               f"the Ray cluster has {have.get(k, 0):g}; lower num_workers or resources_per_worker")
 
 
+def _warn_without_dashboard() -> None:
+    """Ray Train V2's PlacementGroupCleaner asks the State API (the dashboard) whether the run's controller
+    is alive and removes the run's placement group - killing its workers - when the answer is "not found".
+    Without a dashboard in this Ray cluster, the State API address in GCS still reads 127.0.0.1:8265, which
+    may be ANOTHER Ray instance's dashboard on a shared machine: it answers "not found" and a healthy run
+    is torn down (seen here: "Destroying worker since its placement group was removed")."""
+    import warnings
+
+    try:
+        import ray
+
+        url = ray._private.worker.global_worker.node.address_info.get("webui_url")
+    except Exception:  # noqa: BLE001 - best effort (e.g. a Ray Client connection)
+        return
+    if not url:
+        warnings.warn("this Ray cluster runs without the dashboard: Ray Train's placement-group cleaner may then "
+                      "query another Ray instance on this machine and remove this run's workers; start Ray with "
+                      "the dashboard (ray.init(include_dashboard=True)) when several Ray instances share a machine",
+                      RuntimeWarning, stacklevel=3)
+
+
 def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResult:
     """Train (or continue training) a model as configured; returns where the results are."""
     t0 = time.time()
@@ -204,6 +225,7 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
     if not ray.is_initialized():
         ray.init()
     _check_resources(cfg)
+    _warn_without_dashboard()
 
     cfg_dict = to_dict(cfg)
     if resume is None:

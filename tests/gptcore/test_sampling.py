@@ -15,6 +15,7 @@ from gptcore.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    argmax,
     banned_ngram_tokens,
     no_repeat_ngram_mask,
     sample_from_probs,
@@ -151,3 +152,14 @@ def test_sample_from_probs_follows_the_distribution_and_never_picks_zero():
     # unnormalised rows (after filtering) and u at the edges stay in range
     out = sample_from_probs(torch.tensor([[0.0, 2.0, 0.0]] * 2), torch.tensor([0.0, 0.999999]))
     assert out.tolist() == [1, 1]
+
+
+def test_fast_argmax_equals_torch_argmax_including_ties():
+    g = torch.Generator().manual_seed(0)
+    for V in (10, 4096, 50257, 300):
+        x = torch.randint(-3, 4, (9, V), generator=g).float()  # many ties: the first index must win
+        x[0, -1] = 100.0  # maximum in the tail columns
+        x[1, :] = 7.0  # all equal
+        assert torch.equal(argmax(x), x.argmax(-1))
+        y = torch.randn(5, V, generator=g)
+        assert torch.equal(argmax(y), y.argmax(-1))

@@ -4,11 +4,11 @@ committed shard; the re-run generates only the missing chunks and leaves the com
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +59,7 @@ def test_killed_driver_resumes_without_loss_or_duplicates(ray_session, tiny_chec
             except ProcessLookupError:
                 pass
     assert gone, "processes of the killed driver's local Ray were left running"
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
     committed = {n: (s.st_ino, s.st_mtime_ns) for n, s in FIX.shards(out).items()}
     assert 1 <= len(committed) < 8, committed

@@ -29,6 +29,14 @@ def write_lock(path, **owner):
     path.write_text(json.dumps(d))
 
 
+def _try_create(p) -> bool:
+    try:
+        os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def test_second_acquire_is_refused_with_owner_details(tmp_path):
     path = tmp_path / "locks" / "dt=2024-05-01.lock"
     with RunLock(str(path), ttl_s=60) as lock:
@@ -75,7 +83,13 @@ def test_heartbeat_refreshes_and_never_deletes_a_lock_taken_over(tmp_path):
         return cond()
 
     assert eventually(lambda: json.loads(path.read_text())["heartbeat_at_epoch"] > first)
-    write_lock(path, token="thief")  # someone else took it over
+    # someone else takes it over, under the takeover mutex as RunLock's own takeover does (a refresh
+    # racing with the takeover must not overwrite it)
+    mutex = f"{path}.takeover"
+    got = []
+    assert eventually(lambda: bool(got) or (_try_create(mutex) and not got.append(1)))
+    write_lock(path, token="thief")
+    os.remove(mutex)
     assert eventually(lambda: lock.lost)
     lock.release()
     assert json.loads(path.read_text())["token"] == "thief"

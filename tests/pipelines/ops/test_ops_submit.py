@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -122,6 +122,7 @@ def ray_cluster():
             except OSError:
                 pass
         assert not left, f"head-down.sh left {len(left)} process(es) running: {down.stdout} {down.stderr}"
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _cmdline_has(p: Path, needle: str) -> bool:
