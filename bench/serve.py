@@ -2,24 +2,29 @@
 
     .venv/bin/python bench/serve.py [--checkpoint CKPT | --preset tiny [--model n_layer=6 ...]] [--requests 64] \
         [--new-tokens 64] [--rounds 3] [--pairs 20] [--threads 1] [--stream-interval 0] [--markdown] \
-        [--serve-env KEY=VALUE ...] [--target proxy|replica]
+        [--ingress haproxy|proxy] [--serve-env KEY=VALUE ...] [--target front|replica]
 
 Builds (or loads) a checkpoint, then per round, interleaved so machine noise hits all alike:
   offline  engine.generate on 16 prompts at once (tokens/s at batch 16) and on 1 prompt (latency of a
            direct engine call), in this process, on --threads torch threads;
-  serve    one replica (same threads, continuous batching, max batch 16) behind Serve's HTTP proxy on
-           127.0.0.1; for 1, 4, 16 concurrent clients a fixed number of requests (64 new tokens each,
+  serve    one replica (same threads, continuous batching, max batch 16) on 127.0.0.1, behind what
+           ServeConfig.ingress picks (default: HAProxy forwarding to the replica's own HTTP server;
+           --ingress proxy: Serve's Python proxy actor), Serve started the way `raygpt serve` does;
+           for 1, 4, 16 concurrent clients a fixed number of requests (64 new tokens each,
            ignore_eos so every request is exactly that long), once non-streaming (aggregate tokens/s,
            p50/p99 latency) and once with stream=true (time to first token, streaming tokens/s).
 Goal figures come from back-to-back pairs, so that the noise of a shared machine hits both sides
 alike: offline batch-16 run then a 16-client serve run (ratio of tokens/s, median over pairs), and a
 direct engine call then one HTTP request with the same prompt (difference, median over pairs).
 The HTTP clients run in this process, on the same cores as Serve: they take a share of the CPU.
---serve-env sets Ray Serve environment knobs (e.g. RAY_SERVE_ENABLE_HA_PROXY=1,
-RAY_SERVE_THROUGHPUT_OPTIMIZED=1) in this process before Ray starts, so the local raylet and every
-Serve process (controller, proxy, replicas) inherit them; --target replica sends the requests
-straight to the replica's own HTTP port (direct ingress without HAProxy) instead of the port given
-to serve.start.
+--serve-env sets more Ray Serve environment knobs (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1) on top of
+ray_serve_env(ingress), for this process before Ray starts and for the Serve controller (which
+hands them to the proxies, HAProxy and replicas); --target replica sends the requests straight to
+the replica's own HTTP port (needs direct ingress: --ingress haproxy or
+RAY_SERVE_ENABLE_DIRECT_INGRESS=1) instead of the port given to serve.start.
+CPU per request: CPU seconds of this process (the HTTP client) and of every process it started
+(Ray, Serve, HAProxy) during the 16-client runs of the throughput pairs, divided by their requests;
+unlike wall-clock figures it hardly moves with the load of a shared machine.
 Does not: assert on timings, use the network beyond 127.0.0.1, or leave Ray running.
 """
 
@@ -211,13 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=20,
                     help="back-to-back pairs per round for the goal figures (latency pairs; /4 throughput pairs)")
     ap.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    ap.add_argument("--ingress", choices=("haproxy", "proxy"), default=None,
+                    help="ServeConfig.ingress (default: ServeConfig's, haproxy)")
     ap.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
-                    help="environment variable for Ray/Serve, set before Ray starts (repeatable), e.g. "
-                         "RAY_SERVE_ENABLE_HA_PROXY=1; KEY= (empty) unsets it")
-    ap.add_argument("--target", choices=("proxy", "replica"), default="proxy",
-                    help="where requests go: the serve.start port (proxy, or HAProxy with "
-                         "RAY_SERVE_ENABLE_HA_PROXY=1) or the replica's own direct-ingress HTTP port "
-                         "(needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1)")
+                    help="extra environment variable for Ray/Serve (repeatable), e.g. "
+                         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1")
+    ap.add_argument("--target", choices=("front", "replica"), default="front",
+                    help="where requests go: the serve.start port (HAProxy or Serve's proxy) or the "
+                         "replica's own direct-ingress HTTP port")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     serve_env = {}
@@ -226,10 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not k:
             ap.error(f"--serve-env wants KEY=VALUE, got {kv!r}")
         serve_env[k] = v
-        if v:
-            os.environ[k] = v
-        else:
-            os.environ.pop(k, None)
+        os.environ[k] = v
     sys.path.insert(0, str(REPO))
     import torch
 
@@ -240,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from gptcore.checkpoint import load_checkpoint
     from gptcore.engine import Engine
     from pipelines.serve.app import build_app
+    from pipelines.serve.config import ServeConfig, haproxy_private_env, ray_serve_env
 
     tmp = tempfile.TemporaryDirectory(prefix="raygpt-bench-serve-")
     overrides = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.model)}
@@ -253,14 +257,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{mc.block_size}), stream_interval_s {args.stream_interval}, "
           f"{args.new_tokens} new tokens/request, {args.requests} requests/level, {args.threads} torch threads, "
           f"{os.cpu_count()} cores", flush=True)
-    print(f"serve env {serve_env or '(Ray defaults)'}, requests to the {args.target}", flush=True)
+    ingress = args.ingress or ServeConfig.ingress
+    env = {**ray_serve_env(ingress), **serve_env}
+    print(f"ingress {ingress}, Serve env {env}, requests to the {args.target}", flush=True)
+    hap_dir = tempfile.TemporaryDirectory(prefix="rghap-", dir="/tmp")  # short: unix socket paths
+    if ingress == "haproxy":  # own HAProxy files and side ports: another Serve may run on this machine
+        env.update(haproxy_private_env(hap_dir.name, free_port(), free_port(), free_port()))
 
     ray.init(address="local", num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads),
-                                       **{k: v for k, v in serve_env.items() if v}}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"checkpoint": str(ckpt), "model_name": "bench", "num_cpus": args.threads,
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options={"runtime_env": {"env_vars": env}})
+    serve.run(build_app({"checkpoint": str(ckpt), "model_name": "bench", "num_cpus": args.threads, "ingress": ingress,
                          "torch_threads": args.threads, "max_ongoing_requests": 64, "max_queued_requests": -1,
                          "auth": {"api_keys_env": None}, "batching": {"max_batch_size": 16},
                          "limits": {"max_tokens": args.new_tokens}, "stream_interval_s": args.stream_interval}),
@@ -316,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
         tmp.cleanup()
+        hap_dir.cleanup()
 
     def med(key: str, field: str) -> float:
         return statistics.median(r[field] for r in rows[key])
@@ -339,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(pairs_tps)} back-to-back ratios serve/offline = {ratio:.2f} (goal >= 0.8)")
     print(f"goal 2: direct engine call p50 {d50 * 1e3:.1f} ms, serve@1 request p50 {h50 * 1e3:.1f} ms; median of "
           f"{len(pairs_lat)} back-to-back differences = {over * 1e3:.1f} ms (goal < 10 ms); for reference "
-          f"GET /health p50 {statistics.median(health) * 1e3:.1f} ms (Serve's proxy round trip alone)")
+          f"GET /health p50 {statistics.median(health) * 1e3:.1f} ms (the ingress round trip alone)")
     if cpu_requests:
         per = {r: v / cpu_requests * 1e3 for r, v in sorted(cpu.items(), key=lambda kv: -kv[1])}
         print(f"CPU ms per request at 16 clients ({cpu_requests} requests): " +

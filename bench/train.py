@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train.py --prepare-data          # runs/data/shakespeare-char-64 (nanoGPT's split)
     .venv/bin/python bench/train.py a [--repeats 3]         # (a) 1 worker vs the plain loop, tokens/s (300 iters)
+    .venv/bin/python bench/train.py a --nanogpt DIR         # ... and nanoGPT's own train.py (a checkout in DIR)
     .venv/bin/python bench/train.py full [--repeats 1]      # (a) the whole 2000-iter recipe: val loss, wall time
     .venv/bin/python bench/train.py b [--repeats 3]         # (b) 2 workers ZeRO-2 vs 1 process, same 2 cores
     .venv/bin/python bench/train.py c [--repeats 3]         # (c) wall time to val loss <= 1.88 through Ray
@@ -14,6 +15,10 @@ train.py CPU recipe re-implemented on gptcore's GPT: fp32, torch AdamW (not fuse
 CUDA), random 64-token windows of the token stream per iteration (nanoGPT's get_batch), loss.item() every
 iteration (log_interval=1), clipping 1.0, warmup 100 + cosine to 1e-4 at 2000. Peers run alternately in
 the same script, so machine load hits both; tokens/s is the median per-step rate (evals excluded).
+With --nanogpt DIR (a clone of github.com/karpathy/nanoGPT, outside this repository) (a) also runs nanoGPT's
+train.py itself with its README CPU command (max_iters cut to the same count) in a subprocess of the same
+Python, interleaved with the others; its per-iteration times are parsed from its log. Its data is prepared
+into DIR/data/shakespeare_char from ../shared/data (its prepare.py with the input.txt already in place).
 Ray workers are started with niceness 0 (RAY_worker_niceness=0) like this process: Ray's default (15)
 would hand the CPU to everything else on a shared machine. Prints a JSON summary; does not assert.
 """
@@ -158,6 +163,30 @@ def plain_loop(iters: int = 2000, *, bf16: bool = False, fused: bool = False, co
             "val_loss": evals[-1][1], "evals": evals, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+# ---- nanoGPT's own train.py (optional peer) ------------------------------------------------------
+
+
+def nanogpt_run(root: Path, iters: int) -> dict:
+    """nanoGPT's README CPU command, `iters` iterations, no eval: median ms/iter from its `iter N: ... time Xms` lines."""
+    import re
+    import shutil
+    import subprocess
+
+    d = root / "data" / "shakespeare_char"
+    if not (d / "train.bin").is_file():
+        shutil.copyfile(SHARED / "tinyshakespeare" / "input.txt", d / "input.txt")  # so prepare.py needs no download
+        subprocess.run([sys.executable, "prepare.py"], cwd=d, check=True, capture_output=True)
+    cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+           "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+           "--n_embd=128", f"--max_iters={iters}", "--lr_decay_iters=2000", "--dropout=0.0",
+           f"--eval_interval={iters + 1000}", f"--out_dir={RUNS / 'nanogpt-out'}"]
+    t0 = time.time()
+    out = subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True).stdout
+    ms = sorted(float(m) for m in re.findall(r"^iter \d+: .* time ([0-9.]+)ms", out, re.M)[20:])
+    med = ms[len(ms) // 2]
+    return {"tokens_per_s": 12 * 64 / med * 1e3, "ms_per_iter": med, "wall_s": time.time() - t0}
+
+
 # ---- raygpt train through Ray ------------------------------------------------------------------
 
 
@@ -201,15 +230,19 @@ def _median(rs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rs)
 
 
-def bench_a(repeats: int, iters: int) -> dict:
+def bench_a(repeats: int, iters: int, nanogpt: Path | None = None) -> dict:
     """(a) raygpt train, 1 worker, nanoGPT recipe vs the plain loop (nanoGPT-equivalent) in this process.
 
     Peers, interleaved in every repeat: the plain loop with torch's default threads (2 here, what nanoGPT
-    uses) and with 1 thread; raygpt with bf16 autocast + fused AdamW on 2 threads and on 1 thread."""
+    uses) and with 1 thread; raygpt (the recipe file: fp32, fused AdamW) on 2 threads and on 1 thread."""
     ray_init()
     runs: dict[str, list[dict]] = {"plain-2t": [], "plain-1t": [], "raygpt-2t": [], "raygpt-1t": []}
+    if nanogpt:
+        runs["nanogpt"] = []
     common = [f"max_steps={iters}", f"optim.decay_steps={max(iters, 200)}", f"eval_interval={iters}", "ckpt_interval=0"]
     for i in range(repeats):
+        if nanogpt:
+            runs["nanogpt"].append(nanogpt_run(nanogpt, iters))
         runs["plain-2t"].append(plain_loop(iters, threads=2, eval_interval=0))
         runs["raygpt-2t"].append(raygpt_run(f"a2-{i}", common + ["torch_threads=2"]))
         runs["plain-1t"].append(plain_loop(iters, threads=1, eval_interval=0))
@@ -218,7 +251,8 @@ def bench_a(repeats: int, iters: int) -> dict:
                           "load": os.getloadavg()}), flush=True)
     med = {k: _median(v, "tokens_per_s") for k, v in runs.items()}
     ratio = {f"{r}/{p}": statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[r], runs[p]))
-             for r, p in (("raygpt-2t", "plain-2t"), ("raygpt-1t", "plain-1t"), ("raygpt-1t", "plain-2t"))}
+             for r, p in (("raygpt-2t", "plain-2t"), ("raygpt-1t", "plain-1t"), ("raygpt-1t", "plain-2t"),
+                          ("raygpt-2t", "nanogpt"), ("plain-2t", "nanogpt")) if runs.get(p)}
     best = max(("raygpt-2t", "raygpt-1t"), key=lambda k: med[k])
     return {"tokens_per_s_median": med, "ms_per_iter_median": {k: _median(v, "ms_per_iter") for k, v in runs.items()},
             "ratios_same_repeat_median": ratio, "best_raygpt": best,
@@ -301,6 +335,7 @@ def main() -> None:
     ap.add_argument("--prepare-data", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--nanogpt", type=Path, default=None, help="(a) a nanoGPT checkout to run side by side")
     ap.add_argument("overrides", nargs="*", help="(c) TrainConfig overrides, e.g. optim.lr=2e-3 max_steps=1200")
     a = ap.parse_intermixed_args()
     prepare_data()
@@ -309,7 +344,7 @@ def main() -> None:
         return
     t0 = time.time()
     if a.what == "a":
-        out = bench_a(a.repeats, a.iters or 300)
+        out = bench_a(a.repeats, a.iters or 300, a.nanogpt)
     elif a.what == "full":
         out = full_recipe(a.repeats)
     elif a.what == "b":

@@ -12,11 +12,13 @@ final chunk, or on an extra empty-choices chunk with stream_options.include_usag
 
 One deployment, one replica = one process = one engine + one decode loop (pipelines.serve.batching):
 requests join the running batch between decode steps. Serve gives autoscaling (on ongoing
-requests), max_ongoing_requests per replica and max_queued_requests per deployment (beyond it: 503 or
-429 with Retry-After, from Serve's proxy). This module enforces the rest: API keys (sha256 digests,
-constant-time compare; keys never logged or echoed), body size (413), request schema (422) and values
-(400), unknown model (404), context window and limits (400), request timeout (408). Client input
-never reaches a 500: body bytes are decoded and parsed here, not by FastAPI.
+requests), max_ongoing_requests per replica and max_queued_requests (beyond it: 503 or 429 with
+Retry-After; with ServeConfig.ingress "haproxy" HAProxy forwards HTTP straight to the replicas and
+each replica enforces it, with "proxy" Serve's proxy does, per deployment). This module enforces the
+rest: API keys (sha256 digests, constant-time compare; keys never logged or echoed), body size
+(413), request schema (422) and values (400), unknown model (404), context window and limits (400),
+request timeout (408). Client input never reaches a 500: body bytes are decoded and parsed here,
+not by FastAPI.
 
 Does not: start Ray/Serve, tokenize in batches across requests, or serve more than one model.
 """
@@ -166,6 +168,15 @@ class _Choice:
         return c
 
 
+def _haproxy_enabled() -> bool:
+    """Whether this Serve instance fronts replicas with HAProxy (read by Serve from its environment)."""
+    try:
+        from ray.serve._private import constants
+    except ImportError:  # pragma: no cover - a Ray without the module
+        return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+    return bool(getattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", False))
+
+
 def _torch_threads() -> int:
     import torch
 
@@ -240,6 +251,13 @@ class OpenAIServer:
         logger.info("raygpt: serving %s (checkpoint id %s, block_size %d) with %d API key(s), batching=%s",
                     self.model_name, self.checkpoint_id[:12], self.block_size, len(self._key_digests),
                     "continuous" if b.continuous else "static")
+        if _haproxy_enabled() != (self.cfg.ingress == "haproxy"):
+            # process-wide: set where Serve starts (raygpt serve, or controller_options.runtime_env in a
+            # Serve config file, or the environment of `ray start`), not by this app
+            logger.warning("raygpt: ingress=%r but this Serve instance runs %s; set RAY_SERVE_ENABLE_HA_PROXY="
+                           "%s where Serve starts (see ServeConfig.ingress)", self.cfg.ingress,
+                           "HAProxy" if _haproxy_enabled() else "the Python proxy",
+                           "1" if self.cfg.ingress == "haproxy" else "0")
 
     def check_health(self) -> None:
         """Serve's replica health check: a dead decode loop makes Serve replace the replica."""

@@ -8,7 +8,9 @@
 Trailing key=value pairs override ServeConfig fields (pipelines/serve/config.py), e.g.
 `autoscaling.max_replicas=4 limits.max_tokens=256 auth.api_keys_file=keys.txt`. Without --address a
 local Ray starts and stops with this command (Ctrl-C); with --address the app is deployed to that
-cluster and --detach leaves it running there. Does not: build images or manage Kubernetes
+cluster and --detach leaves it running there. Serve starts with ServeConfig.ingress (default "haproxy":
+HAProxy on --host/--port forwarding to the replicas' own HTTP servers; `ingress=proxy` for Serve's
+Python proxy), so --port is the port clients use either way. Does not: build images or manage Kubernetes
 (cluster/kuberay/rayservice.yaml does that through KubeRay).
 """
 
@@ -68,6 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from pipelines.config import to_dict
     from pipelines.serve.app import build_app
+    from pipelines.serve.config import ray_serve_env
 
     # replicas may run anywhere in the cluster: hand them an absolute checkpoint path
     data = to_dict(cfg)
@@ -75,7 +78,12 @@ def _serve(args: argparse.Namespace) -> int:
     if cfg.auth.api_keys_file:
         data["auth"]["api_keys_file"] = str(Path(cfg.auth.api_keys_file).resolve())
     ray.init(address=args.address or "local", include_dashboard=False if not args.address else None)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    # cfg.ingress and the other process-wide Serve knobs: environment variables of the Serve
+    # controller, which hands them on to the proxies/HAProxy and replicas it starts. Only applied
+    # when this command starts Serve; a Serve already running on --address keeps its settings.
+    # With "haproxy" HAProxy listens on host:port, so --port is still the port clients use.
+    serve.start(http_options={"host": cfg.host, "port": cfg.port},
+                controller_options={"runtime_env": {"env_vars": ray_serve_env(cfg.ingress)}})
     serve.run(build_app(data), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     base = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
     print(f"raygpt serve: model {cfg.served_model_name!r} at {base}/v1 "

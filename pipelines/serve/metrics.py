@@ -43,6 +43,7 @@ class ServeMetrics:
         self.running = m.Gauge("raygpt_running_requests", description="requests in the decode batch")
         self.batch_size = m.Histogram("raygpt_batch_size", description="sequences decoded per engine step",
                                       boundaries=_BATCH_BOUNDS)
+        self._queued = self._running = -1  # last values set on the gauges (-1: none yet)
 
     def request(self, route: str, status: int, latency_s: float | None = None) -> None:
         self.requests.inc(1, tags={"route": route, "status": str(status)})
@@ -62,7 +63,13 @@ class ServeMetrics:
         self.tpot.observe(tpot_s)
 
     def step(self, batch_size: int, queued: int, running: int) -> None:
+        # called once per decode step: set the gauges only when they change (each Ray metric call costs
+        # ~10-20 us of Python; a replica profile under 16-client load had 1.4% of its CPU in this method)
         if batch_size:
             self.batch_size.observe(batch_size)
-        self.queue_length.set(queued)
-        self.running.set(running)
+        if queued != self._queued:
+            self._queued = queued
+            self.queue_length.set(queued)
+        if running != self._running:
+            self._running = running
+            self.running.set(running)

@@ -6,6 +6,9 @@ each test module deploys its own application (module-scoped) and deletes it at t
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,7 +44,19 @@ def serve_port(ray_session) -> int:
 
     from serve_testlib import free_port
 
+    from pipelines.serve.config import ServeConfig, haproxy_private_env, ray_serve_env
+
+    # the serving path `raygpt serve` sets up (ServeConfig.ingress, default HAProxy in front of the
+    # replicas); RAYGPT_TEST_SERVE_INGRESS=proxy runs the tests behind Serve's Python proxy instead.
+    # HAProxy's files and side ports are private, so a Serve on the same machine cannot collide
+    ingress = os.environ.get("RAYGPT_TEST_SERVE_INGRESS") or ServeConfig.ingress
+    env = ray_serve_env(ingress)
+    hap_dir = tempfile.mkdtemp(prefix="rghap-", dir="/tmp")  # short: HAProxy's unix socket paths are limited
+    if ingress == "haproxy":
+        env.update(haproxy_private_env(hap_dir, free_port(), free_port(), free_port()))
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                controller_options={"runtime_env": {"env_vars": env}})
     yield port
     serve.shutdown()
+    shutil.rmtree(hap_dir, ignore_errors=True)

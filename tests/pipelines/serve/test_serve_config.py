@@ -75,7 +75,31 @@ def test_shipped_serve_yamls_are_valid():
     rs = yaml.safe_load((REPO / "cluster/kuberay/rayservice.yaml").read_text())
     assert rs["kind"] == "RayService"
     inner = ServeDeploySchema.model_validate(yaml.safe_load(rs["spec"]["serveConfigV2"]))
-    config_from_args(inner.applications[0].args)
+    inner_cfg = config_from_args(inner.applications[0].args)
+    # the process-wide Serve settings each file starts Serve with match what its app's `ingress` asks for
+    from pipelines.serve.config import ray_serve_env
+
+    for sch, c in ((schema, cfg), (inner, inner_cfg)):
+        assert sch.controller_options.runtime_env["env_vars"] == ray_serve_env(c.ingress)
+
+
+def test_ray_serve_env_per_ingress():
+    from pipelines.config import ConfigError
+    from pipelines.serve.config import haproxy_private_env, load_serve_config, ray_serve_env
+
+    assert ServeConfig(checkpoint="c").ingress == "haproxy"
+    ha, px = ray_serve_env("haproxy"), ray_serve_env("proxy")
+    assert ha["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and px["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert ha["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == px["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    assert all(isinstance(v, str) for v in {**ha, **px}.values())  # runtime_env env_vars must be strings
+    with pytest.raises(ConfigError, match="ingress"):
+        ray_serve_env("nginx")
+    with pytest.raises(ConfigError, match="ingress"):
+        load_serve_config(None, ["checkpoint=c", "ingress=nginx"])
+    env = haproxy_private_env("/tmp/x/", 1234, 1235, 1236)
+    assert env["RAY_SERVE_HAPROXY_SOCKET_PATH"] == "/tmp/x/admin.sock" and env["RAY_SERVE_HAPROXY_STATS_PORT"] == "1234"
+    with pytest.raises(ValueError, match="too long"):  # Serve adds a 56-character node directory to it
+        haproxy_private_env("/tmp/pytest-of-root/pytest-49/haproxy0", 1, 2, 3)
 
 
 @pytest.mark.parametrize("body, status, param", [

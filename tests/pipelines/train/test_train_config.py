@@ -130,3 +130,13 @@ def test_lr_schedule_warmup_cosine_min_lr():
     assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:110]))  # cosine decays monotonically
     assert math.isclose(lrs[60], (1e-3 + 1e-4) / 2, rel_tol=1e-9)  # half way = mean of lr and min_lr
     assert all(math.isclose(v, 1e-4) for v in lrs[110:])  # floor after decay_steps (= max_steps)
+
+
+def test_exponent_numbers_without_a_dot_are_numbers_in_files_and_overrides(tmp_path):
+    # YAML 1.1 (PyYAML) reads `6e-4` as a string; a learning rate written that way must still work
+    f = tmp_path / "t.yaml"
+    f.write_text("data: d\noptim:\n  lr: 6e-4\n  min_lr: 6E-5\n")
+    c = load_config(TrainConfig, f, ["optim.weight_decay=1e-2"])
+    assert (c.optim.lr, c.optim.min_lr, c.optim.weight_decay) == (6e-4, 6e-5, 1e-2)
+    with pytest.raises(ConfigError, match=r"optim.lr: expected a number, got 'fast'"):
+        _cfg(**{"optim.lr": "fast"})
