@@ -1,6 +1,7 @@
 """Run every benchmark, one after another, each as its own process (`make bench`).
 
     make bench                              # all of them, with each script's own defaults
+    NANOGPT_DIR=~/nanoGPT make bench        # ... and nanoGPT's own train.py next to `raygpt train`
     .venv/bin/python bench/run_all.py tokenizer prep     # a subset, by name
 
 Each script prints its table and the command that reproduces it; the figures in BENCHMARKS.md come
@@ -11,6 +12,7 @@ Does not: edit BENCHMARKS.md (scripts that can, do so only with their own --writ
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -40,6 +42,8 @@ def main(argv: list[str]) -> int:
     failed = []
     for name in names:
         script, args = BENCHES[name]
+        if name == "train-a" and os.environ.get("NANOGPT_DIR"):  # nanoGPT's own train.py as a peer
+            args = [*args, "--nanogpt", os.environ["NANOGPT_DIR"]]
         cmd = [sys.executable, str(HERE / f"{script}.py"), *args]
         print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
