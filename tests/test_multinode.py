@@ -149,11 +149,14 @@ def test_losing_a_node_mid_training_costs_at_most_one_checkpoint_interval(drill)
     second = res["attempts"][2:]
     assert sorted(a["rank"] for a in second) == [0, 1]
     assert {_node_of(a) for a in second} == {nodes["head"], nodes["replacement"]}
-    # resumed from the last checkpoint committed before the node died, at most one interval of work lost
+    # resumed from a committed checkpoint no older than the one seen before the removal (the workers keep
+    # stepping while the node is being removed, so the next one may still commit first), at most one
+    # interval of work lost
     assert len(res["resumed"]) == 1, res["resumed"]
     resumed_from = res["resumed"][0]["from_step"]
     lost_at = d["max_step_before_restart"]
-    assert lost_at >= res["kill_at_step"] and max(d["checkpoints_before_removal"]) == resumed_from
+    assert lost_at >= res["kill_at_step"] and max(d["checkpoints_before_removal"]) <= resumed_from <= lost_at
+    assert resumed_from in [c["step"] for c in res["checkpoints"]], (resumed_from, res["checkpoints"])
     assert resumed_from % k == 0 and 0 <= lost_at - resumed_from <= k, (resumed_from, lost_at, k)
     # and it finished by itself: every step once (the lost attempt's records after the resume point are
     # dropped), the final checkpoint at max_steps
