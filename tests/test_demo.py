@@ -19,6 +19,8 @@ def test_demo_config_errors_name_the_field():
         load_config(DemoConfig, None, ["pretrain_steps=0"])
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config(DemoConfig, None, ["pretrain_step=5"])
+    with pytest.raises(ConfigError, match=r"torch_threads: must be >= 0 .* got -1"):
+        load_config(DemoConfig, None, ["torch_threads=-1"])
 
 
 @pytest.mark.slow
@@ -40,6 +42,11 @@ def test_demo_end_to_end(ray_session, tmp_path):
     assert load_manifest(out / "data/sft")["kind"] == "sft"
     ck = load_checkpoint(info["sft"]["last_checkpoint"])
     assert ck.config.block_size == 64
+    # one worker trains on every core of the machine (torch_threads 0 = cores / workers), not Ray's 1 CPU
+    import os
+
+    tc = json.loads((out / "train/pretrain/config.json").read_text())["config"]
+    assert tc["torch_threads"] == len(os.sched_getaffinity(0)), tc.get("torch_threads")
     assert json.loads((out / "generate/summaries/manifest.json").read_text())
     # ROUGE of the model and of the lead baseline on the same held-out ids
     systems = info["rouge"]["systems"]
