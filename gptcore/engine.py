@@ -16,11 +16,13 @@ speed: `python bench/generate.py`.
 
 How it works. Decode rows live in "slots" of one pre-allocated KV cache (`gptcore.model.KVCache`, one
 length per row); running rows always occupy slots [0, n) so a decode step is one forward of n rows.
-`step()` advances every running row by one token, then admits waiting requests into free slots (a
+`step()` advances every running row by one token and admits waiting requests into free slots (a
 batched prefill of their right-padded prompts, written straight into those slots; n > 1 samples
-copy the prompt's keys with `KVCache.copy_rows_from`; the prefill gives their first token), samples
-each row with its own parameters (vectorised; all-greedy batches take a plain argmax), and retires
-finished rows, moving the last rows into the freed slots. Each sampling row draws from its own
+copy the prompt's keys with `KVCache.copy_rows_from`; the prefill gives their first token). When
+rows are running, the decode step and the prefill of the joining requests share ONE forward
+(`_Forward.mixed`): a request joining a running batch costs its prompt's tokens, not a second
+forward pass. Then it samples each row with its own parameters (vectorised; all-greedy batches take
+a plain argmax), and retires finished rows, moving the last rows into the freed slots. Each sampling row draws from its own
 torch.Generator (seeded from the request's seed, or from torch's global RNG when seed is None), so
 a seeded request's output does not depend on its batch mates. Beam-search requests run as separate
 groups (num_beams rows each) that follow transformers' beam search step for step. `generate()` is
@@ -49,6 +51,7 @@ KV cache, or speculate. The engine snapshots the weights when built: rebuild it 
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -107,6 +110,7 @@ class StepOutput:
     finish_reason: str | None  # set when finished
     new_logprobs: list[float] | None = None
     output: CompletionOutput | None = None  # the whole completion, when finished
+    first_token_time: float | None = None  # time.perf_counter() when its first token was sampled
 
 
 # ---- the forward pass used for inference -----------------------------------------------------------
@@ -289,6 +293,78 @@ class _Forward:
         x = layer_norm(x, (C,), self.ln_f[0], self.ln_f[1], eps)
         return self.lm_head(x).float()  # (B, V)
 
+    def mixed(self, last: torch.Tensor, idx: torch.Tensor, lens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Decode rows [0, n) of `cache` by one token (`last` (n,)) and prefill new rows [n, n + B) from
+        empty (right-padded prompts `idx` (B, T) of lengths `lens` (B,)) in ONE forward; returns
+        (n + B, V) fp32 logits: each running row's next token, then each new row's first.
+
+        Why: under continuous batching requests join a running batch one by one, and a separate
+        prefill forward per join costs as much as a decode step for a small model (the cost is per
+        op, not per token). Here the per-token work (embeddings, LayerNorms, matmuls, lm_head) runs
+        once over the decode tokens and the prompt tokens together; only attention is done twice
+        (decode queries against each row's cache, prompts causally among themselves). Same maths,
+        same masks and kernels as two `__call__`s; outputs agree up to matmul rounding."""
+        if self.model is not None:
+            raise RuntimeError("mixed() needs the engine's own forward (kernel 'onednn' or 'torch')")
+        cfg = self.config
+        C, nh = cfg.n_embd, cfg.n_head
+        hs = C // nh
+        n, (B, T) = last.shape[0], idx.shape
+        dev = idx.device
+        start = cache.lengths[:n]  # (n,) each running row writes its token here
+        lo, hi = torch.stack(torch.aminmax(start)).tolist() if n > 1 else (int(start[0]),) * 2
+        t_used = hi + 1
+        if t_used > cache.max_len or T > cache.max_len or n + B > cache.batch_size:
+            raise ValueError(f"mixed step of {n} + {B} rows x {max(t_used, T)} positions exceeds the cache "
+                             f"({cache.batch_size} x {cache.max_len})")
+        adt = self.cache_dtype
+        ninf = float("-inf")
+        dec_mask = None  # decode rows all equally long: every cached key is visible
+        if lo != hi:
+            keys = torch.arange(t_used, device=dev)
+            hidden = keys[None, None, None, :] > start[:, None, None, None]  # (n, 1, 1, t_used)
+            dec_mask = torch.zeros(hidden.shape, dtype=adt, device=dev).masked_fill_(hidden, ninf)
+            scatter_idx = start[:, None, None, None].expand(n, nh, 1, hs)  # (n, nh, 1, hs)
+        ar = torch.arange(T, device=dev)
+        # prompts start at position 0: plain causal attention (a pad query's output is never used)
+        pre_mask = torch.zeros(T, T, dtype=adt, device=dev).masked_fill_(ar[None, :] > ar[:, None], ninf)
+        pre_mask = pre_mask.expand(B, 1, T, T)
+        tok = torch.cat([last, idx.reshape(B * T)])  # (N,) N = n + B*T: decode tokens, then prompts
+        pos = torch.cat([start, ar.repeat(B)]).clamp_(max=cfg.block_size - 1)
+        x = F.embedding(tok, self.wte) + F.embedding(pos, self.wpe)  # (N, C)
+        eps = cfg.layer_norm_epsilon
+        upcast = adt != self.dtype
+        layer_norm, sdpa = torch.layer_norm, F.scaled_dot_product_attention
+        for layer, (w1, b1, attn, proj, w2, b2, fc, fc2) in enumerate(self.layers):
+            h = layer_norm(x, (C,), w1, b1, eps)
+            qkv = attn(h)  # (N, 3C)
+            kc, vc = cache.k[layer], cache.v[layer]
+            d = qkv[:n]  # (n, 3C) the running rows' new token
+            qd = d[:, :C].view(n, nh, 1, hs)
+            if lo == hi:
+                kc[:n, :, lo] = d[:, C:2 * C].view(n, nh, hs)
+                vc[:n, :, lo] = d[:, 2 * C:].view(n, nh, hs)
+            else:
+                kc[:n].scatter_(2, scatter_idx, d[:, C:2 * C].view(n, nh, 1, hs).to(adt))
+                vc[:n].scatter_(2, scatter_idx, d[:, 2 * C:].view(n, nh, 1, hs).to(adt))
+            p = qkv[n:].view(B, T, 3, nh, hs)  # the new prompts
+            kc[n:n + B, :, :T] = p[:, :, 1].transpose(1, 2)
+            vc[n:n + B, :, :T] = p[:, :, 2].transpose(1, 2)
+            qp = p[:, :, 0].transpose(1, 2)  # (B, nh, T, hs)
+            if upcast:
+                qd, qp = qd.to(adt), qp.to(adt)
+            yd = sdpa(qd, kc[:n, :, :t_used], vc[:n, :, :t_used], attn_mask=dec_mask)  # (n, nh, 1, hs)
+            yp = sdpa(qp, kc[n:n + B, :, :T], vc[n:n + B, :, :T], attn_mask=pre_mask)  # (B, nh, T, hs)
+            y = torch.cat([yd.reshape(n, C), yp.transpose(1, 2).reshape(B * T, C)])  # (N, C)
+            x = x + proj(y.to(self.dtype) if upcast else y)
+            h = layer_norm(x, (C,), w2, b2, eps)
+            x = x + fc2(fc(h, gelu=True))
+        cache.lengths[:n] += 1
+        cache.lengths[n:n + B] = lens
+        sel = torch.cat([torch.arange(n, device=dev), n + torch.arange(B, device=dev) * T + lens - 1])
+        x = layer_norm(x[sel], (C,), self.ln_f[0], self.ln_f[1], eps)  # (n + B, C)
+        return self.lm_head(x).float()  # (n + B, V)
+
 
 # ---- request bookkeeping --------------------------------------------------------------------------
 
@@ -311,13 +387,15 @@ class _Seq:
         self.text: str | None = None  # final text once finished (cut at a stop string)
         self.checked_chars = 0  # stop strings were searched in text[:checked_chars]
         self.sent_tokens, self.sent_chars = 0, 0  # streaming: what step() already returned
+        self.first_token_time: float | None = None
 
 
 class _Request:
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
-                 stream: bool):
+                 stream: bool, deltas: bool = True):
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
-        self.stream = stream
+        self.stream = stream  # step() reports this request (add_request); generate() collects it itself
+        self.deltas = deltas  # report every step's new tokens, or only each completion when it finishes
         self.seqs: list[_Seq] = []
         self.beam: _BeamGroup | None = None
         self.outputs: list[CompletionOutput] | None = None  # beam search results
@@ -567,7 +645,7 @@ class Engine:
     # ---- requests --------------------------------------------------------------------------------
 
     def _prepare(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None,
-                 stream: bool) -> _Request:
+                 stream: bool, deltas: bool = True) -> _Request:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -611,18 +689,23 @@ class Engine:
             raise ValueError(f"this request needs {rows} decode rows (n={params.n}, num_beams={params.num_beams}) "
                              f"but the engine has max_batch_size={self.max_batch_size}; lower n/num_beams or "
                              f"raise max_batch_size")
-        req = _Request(request_id, text, ids, params, stream)
+        req = _Request(request_id, text, ids, params, stream, deltas)
         stop_ids = set(params.stop_token_ids)
         if self.eos_id is not None and not params.ignore_eos:
             stop_ids.add(self.eos_id)
         req.stop_ids = frozenset(stop_ids)
         return req
 
-    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None) -> None:
-        """Queue a request; it is prefilled and joins the running batch at the next `step()`."""
+    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    *, deltas: bool = True) -> None:
+        """Queue a request; it is prefilled and joins the running batch at the next `step()`.
+
+        deltas=True: every step() reports the request's new tokens (streaming); deltas=False: step()
+        reports each completion once, whole, when it finishes (a non-streaming server request: no
+        per-token detokenisation and bookkeeping while it runs)."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in flight; use a unique id per request")
-        req = self._prepare(request_id, prompt, params, stream=True)
+        req = self._prepare(request_id, prompt, params, stream=True, deltas=deltas)
         self._requests[request_id] = req
         self._waiting.append(req)
 
@@ -771,8 +854,8 @@ class Engine:
 
     # ---- stepping --------------------------------------------------------------------------------
 
-    def _admit(self) -> list[tuple[_Seq, float | None, int]]:
-        """Prefill waiting requests into free slots; returns (row, logprob, token) of their first token."""
+    def _admissible(self) -> list[_Request]:
+        """Take the waiting requests that fit into free slots (beam-search ones start their groups)."""
         used = len(self._rows) + sum(g.K for g in self._beams)
         batch: list[_Request] = []
         while self._waiting and used + self._waiting[0].rows_needed <= self.max_batch_size:
@@ -783,25 +866,37 @@ class Engine:
                 self._beams.append(req.beam)
             else:
                 batch.append(req)
-        if not batch:
-            return []
-        n0 = len(self._rows)
-        need_rows = n0 + sum(r.params.n for r in batch)
+        return batch
+
+    def _prefill_inputs(self, batch: list[_Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make room for `batch` after the running rows; its right-padded prompts (B, T) and lengths (B,)."""
+        need_rows = len(self._rows) + sum(r.params.n for r in batch)
         need_len = max(len(r.prompt_ids) + r.params.max_new_tokens for r in batch)
         self._ensure_capacity(need_rows, need_len)
-        # one right-padded prefill for all new prompts, written into slots [n0, n0 + len(batch))
-        B = len(batch)
         lens = [len(r.prompt_ids) for r in batch]
-        T = max(lens)
-        idx = torch.zeros(B, T, dtype=torch.long)
+        idx = torch.zeros(len(batch), max(lens), dtype=torch.long)
         for i, r in enumerate(batch):
             idx[i, :lens[i]] = torch.tensor(r.prompt_ids)
-        idx = idx.to(self.device)
-        adv = torch.tensor(lens, device=self.device)
+        return idx.to(self.device), torch.tensor(lens, device=self.device)
+
+    def _admit(self) -> list[tuple[_Seq, float | None, int]]:
+        """Prefill waiting requests into free slots; returns (row, logprob, token) of their first token."""
+        batch = self._admissible()
+        if not batch:
+            return []
+        n0, B = len(self._rows), len(batch)
+        idx, adv = self._prefill_inputs(batch)
+        # one right-padded prefill for all new prompts, written into slots [n0, n0 + B)
         view = self._view(n0, n0 + B)
         view.lengths.zero_()
         logits = self._fwd(idx, view, advance=adv, logits_at=adv - 1)  # (B, V)
         self._cache.lengths[n0:n0 + B] = view.lengths
+        return self._add_rows(batch, logits)
+
+    def _add_rows(self, batch: list[_Request], logits: torch.Tensor) -> list[tuple[_Seq, float | None, int]]:
+        """Make rows of freshly prefilled requests (slots [n0, n0 + B), their logits (B, V)) and sample
+        their first token."""
+        n0, B = len(self._rows), len(batch)
         # lay out rows: request i's first completion in slot n0 + i, extra samples (n > 1) after
         seqs, src_rows = [], []
         for i, r in enumerate(batch):
@@ -849,6 +944,18 @@ class Engine:
         toks, lps = self._choose(logits)
         return [(self._rows[i], None if lps is None else lps[i], toks[i]) for i in range(n)]
 
+    def _mixed_step(self) -> list[tuple[_Seq, float | None, int]]:
+        """Decode step of the running rows and prefill of the requests that join, in one forward."""
+        batch = self._admissible()
+        if not batch:
+            return self._decode_step()
+        n = len(self._rows)
+        idx, lens = self._prefill_inputs(batch)  # may grow the cache: do it before the forward
+        logits = self._fwd.mixed(self._last[:n], idx, lens, self._cache)  # (n + B, V)
+        toks, lps = self._choose(logits[:n])  # the running rows, with their own parameters
+        picks = [(self._rows[i], None if lps is None else lps[i], toks[i]) for i in range(n)]
+        return picks + self._add_rows(batch, logits[n:])
+
     def _accept(self, picks: list[tuple[_Seq, float | None, int]], stream_out: list[StepOutput]) -> None:
         """Append each row's new token, apply stop rules, emit streaming deltas, retire finished rows.
 
@@ -857,6 +964,8 @@ class Engine:
         for slot, (seq, lp, tok) in enumerate(picks):
             p, req = seq.params, seq.req
             seq.n_sampled += 1
+            if seq.n_sampled == 1:
+                seq.first_token_time = time.perf_counter()
             if tok in req.stop_ids:
                 seq.finished, seq.finish_reason = True, "stop"
             else:
@@ -883,7 +992,7 @@ class Engine:
                 if seq.text is None:
                     seq.text = self._decode(seq.tokens)
                 finished_rows.append(slot)
-            if req.stream:
+            if req.stream and (req.deltas or seq.finished):
                 stream_out.append(self._delta(seq))
         if picks:
             new = torch.tensor([tok for _, _, tok in picks], dtype=torch.long)
@@ -914,7 +1023,7 @@ class Engine:
         seq.sent_chars, seq.sent_tokens = max(seq.sent_chars, len(text)), max(seq.sent_tokens, n_tok)
         out = StepOutput(request_id=seq.req.request_id, index=seq.index, new_token_ids=new_ids,
                          new_text=new_text, finished=seq.finished, finish_reason=seq.finish_reason,
-                         new_logprobs=new_lps)
+                         new_logprobs=new_lps, first_token_time=seq.first_token_time)
         if seq.finished:
             out.output = self._completion(seq)
             self._maybe_forget(seq.req)
@@ -936,8 +1045,11 @@ class Engine:
         out: list[StepOutput] = []
         # rows already running take their decode step first; then waiting requests are prefilled
         # into free slots (their first token comes from the prefill) and join from the next step
-        picks = self._decode_step() if self._rows else []
-        picks += self._admit()
+        if self._rows and self._waiting and self._fwd.model is None:
+            picks = self._mixed_step()
+        else:
+            picks = self._decode_step() if self._rows else []
+            picks += self._admit()
         self._accept(picks, out)
         for g in list(self._beams):
             g.step()

@@ -17,8 +17,10 @@ concurrent requests took ~1.5x as long as the engine alone; inline they match it
 the loop only between two yields; torch releases the GIL inside kernels, so Serve's own threads
 keep running.
 
-Non-streaming requests (`stream=False`) get their events in one batch when they finish, so the
-loop wakes one waiting coroutine per finished request instead of one per token.
+Non-streaming requests (`stream=False`) are added to the engine with `deltas=False`: the engine
+reports each completion once, whole, when it finishes (no per-token detokenisation or events while
+it runs; the first token's time still comes along for the TTFT metric), and the loop wakes one
+waiting coroutine per finished request instead of one per token.
 
 `continuous=False` gives static batching instead: new requests wait until the whole running batch
 has finished, then start together (after waiting up to `batch_wait_timeout_s` for company).
@@ -52,6 +54,7 @@ class Event:
     logprobs: list[float] | None = None
     error: BaseException | None = None
     t: float = 0.0  # perf_counter when the engine produced it
+    first_t: float | None = None  # perf_counter of the choice's first token, when known (whole-completion events)
 
 
 class RequestStream:
@@ -87,7 +90,7 @@ class RequestStream:
             self.open = 0
         elif ev.kind == "token" and ev.token_ids:
             if self.first_token_t is None:
-                self.first_token_t = ev.t
+                self.first_token_t = ev.first_t if ev.first_t is not None else ev.t
             self.last_token_t = ev.t
             self.tokens += len(ev.token_ids)
 
@@ -228,7 +231,8 @@ class ContinuousBatcher:
         while self._pending and (self._used + self._pending[0].num_seqs <= self.max_batch_size or not self._running):
             s = self._pending.popleft()
             try:
-                self.engine.add_request(s.request_id, s.prompt, s.params)
+                # a non-streaming request gets its completion once, whole: no per-token deltas
+                self.engine.add_request(s.request_id, s.prompt, s.params, deltas=s.stream)
             except Exception as e:  # a prompt the engine refuses (too long, bad params): this request only
                 self.stats.errors += 1
                 s._emit(Event("error", s.request_id, error=e, t=time.perf_counter()))
@@ -267,7 +271,7 @@ class ContinuousBatcher:
             if o.new_token_ids or o.new_text:
                 st.tokens += len(o.new_token_ids)
                 s._emit(Event("token", o.request_id, o.index, list(o.new_token_ids), o.new_text or "",
-                              logprobs=o.new_logprobs, t=now))
+                              logprobs=o.new_logprobs, t=now, first_t=o.first_token_time))
             if o.finished:
                 s._engine_open -= 1
                 last = s._engine_open <= 0

@@ -3,12 +3,14 @@ seeds, beam search bookkeeping and the continuous-batching step API."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from gptcore.config import GPTConfig
 from gptcore.engine import Engine, PromptTooLongError
-from gptcore.model import GPT
+from gptcore.model import GPT, KVCache
 from gptcore.sampling import SamplingParams
 
 V = 512
@@ -328,3 +330,103 @@ def test_abort_frees_the_slot_and_generate_refuses_while_busy(model):
     assert eng.abort("x") and eng.abort("y") and not eng.abort("nope")
     assert not eng.has_unfinished()
     assert eng.generate([PROMPTS[0]], greedy(max_new_tokens=3))[0].outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("kernel", ["onednn", "torch"])
+def test_mixed_step_equals_a_decode_step_plus_a_separate_prefill(model, kernel):
+    """Requests joining a running batch are prefilled in the same forward as the decode step
+    (`_Forward.mixed`); its logits and cache writes must equal the two separate forwards."""
+    eng = Engine(model, None, max_batch_size=6, kernel=kernel)
+    if eng.kernel != kernel:
+        pytest.skip(f"kernel {kernel} unavailable here")
+    fwd = eng._fwd
+    # three running rows of different lengths (ragged), then two prompts of lengths 4 and 2 join
+    run_prompts = [[5, 17, 300], [1, 2, 3, 4, 5, 6, 7], [42]]
+    new = torch.tensor([[9, 8, 7, 6], [3, 4, 0, 0]])
+    lens = torch.tensor([4, 2])
+
+    def prefilled():
+        cache = fwd.new_cache(6, 32)
+        idx = torch.zeros(3, 7, dtype=torch.long)
+        for i, p in enumerate(run_prompts):
+            idx[i, :len(p)] = torch.tensor(p)
+        adv = torch.tensor([len(p) for p in run_prompts])
+        view = KVCache(k=[t[:3] for t in cache.k], v=[t[:3] for t in cache.v], lengths=cache.lengths[:3].clone())
+        fwd(idx, view, advance=adv, logits_at=adv - 1)
+        cache.lengths[:3] = view.lengths
+        return cache
+
+    last = torch.tensor([11, 12, 13])
+    with torch.inference_mode():
+        a = prefilled()  # reference: decode step of rows 0-2, then a prefill of rows 3-4
+        va = KVCache(k=[t[:3] for t in a.k], v=[t[:3] for t in a.v], lengths=a.lengths[:3].clone())
+        ref_dec = fwd(last[:, None], va)
+        vb = KVCache(k=[t[3:5] for t in a.k], v=[t[3:5] for t in a.v], lengths=torch.zeros(2, dtype=torch.long))
+        ref_new = fwd(new, vb, advance=lens, logits_at=lens - 1)
+        b = prefilled()
+        got = fwd.mixed(last, new, lens, b)
+    assert got.shape == (5, V)
+    torch.testing.assert_close(got[:3], ref_dec, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[3:], ref_new, atol=1e-5, rtol=1e-5)
+    assert b.lengths[:5].tolist() == [4, 8, 2, 4, 2]
+    for layer in range(len(a.k)):
+        for r, n_valid in enumerate([4, 8, 2, 4, 2]):  # positions past a row's length are never read
+            torch.testing.assert_close(b.k[layer][r, :, :n_valid], a.k[layer][r, :, :n_valid], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(b.v[layer][r, :, :n_valid], a.v[layer][r, :, :n_valid], atol=1e-5, rtol=1e-5)
+
+
+def test_joins_use_one_forward_per_step_and_keep_every_sampling_rule(model):
+    """A join mid-decode costs no extra forward; n > 1, repetition penalty and seeded sampling of
+    joining requests still match running them alone."""
+    eng = Engine(model, PairTokenizer(), max_batch_size=8)
+    calls = {"mixed": 0, "plain": 0}
+    fwd = eng._fwd
+    orig_call, orig_mixed = fwd.__class__.__call__, fwd.__class__.mixed
+
+    class Counting(fwd.__class__):
+        def __call__(self, *a, **k):
+            calls["plain"] += 1
+            return orig_call(self, *a, **k)
+
+        def mixed(self, *a, **k):
+            calls["mixed"] += 1
+            return orig_mixed(self, *a, **k)
+
+    fwd.__class__ = Counting
+    plan = {0: [("a", PROMPTS[0], greedy(max_new_tokens=12, ignore_eos=True))],
+            2: [("r", PROMPTS[1], greedy(max_new_tokens=8, ignore_eos=True, repetition_penalty=1.7))],
+            3: [("n", PROMPTS[3], SamplingParams(max_new_tokens=7, temperature=0.8, n=3, seed=5, ignore_eos=True)),
+                ("g", [9, 9], greedy(max_new_tokens=5, ignore_eos=True))]}
+    got: dict[tuple[str, int], list[int]] = {}
+    step = 0
+    while step in plan or eng.has_unfinished():
+        for rid, prompt, params in plan.get(step, []):
+            eng.add_request(rid, prompt, params)
+        for o in eng.step():
+            got.setdefault((o.request_id, o.index), []).extend(o.new_token_ids)
+        step += 1
+    assert calls["mixed"] == 2 and calls["plain"] == step - 2, calls  # one forward per step
+    alone = Engine(model, PairTokenizer())
+    for rid, prompt, params in [x for v in plan.values() for x in v]:
+        ref = alone.generate([prompt], params)[0].outputs
+        assert [got[(rid, c.index)] for c in ref] == [c.token_ids for c in ref], rid
+
+
+def test_add_request_without_deltas_reports_each_completion_once_whole(model):
+    eng = Engine(model, PairTokenizer(), max_batch_size=4)
+    eng.add_request("q", PROMPTS[1], greedy(max_new_tokens=7, ignore_eos=True, logprobs=True), deltas=False)
+    eng.add_request("s", PROMPTS[0], greedy(max_new_tokens=7, ignore_eos=True))  # streaming neighbour
+    per_step, stamps = [], []
+    while eng.has_unfinished():
+        per_step.append([o for o in eng.step()])
+        stamps.append(time.perf_counter())
+    q = [o for outs in per_step for o in outs if o.request_id == "q"]
+    s = [o for outs in per_step for o in outs if o.request_id == "s"]
+    assert len(q) == 1 and q[0].finished and len(s) == 7  # the streaming one reports every step
+    ref = Engine(model, PairTokenizer()).generate([PROMPTS[1]], greedy(max_new_tokens=7, ignore_eos=True,
+                                                                       logprobs=True))[0].outputs[0]
+    assert q[0].new_token_ids == ref.token_ids and q[0].new_text == ref.text
+    assert q[0].new_logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+    assert q[0].output.text == ref.text and q[0].finish_reason == "length"
+    assert q[0].first_token_time <= stamps[0] < stamps[-1]  # when its first token came, not when it finished
+    assert s[0].first_token_time == s[-1].first_token_time  # the first token's time, not the step's
