@@ -100,3 +100,25 @@ def test_abort_and_bad_request_do_not_stop_the_loop(engine):
             b.close()
 
     asyncio.run(main())
+
+
+def test_non_streaming_request_arrives_whole_with_its_first_token_time(engine):
+    """stream=False: one token event with the whole completion (no per-token events), yet TTFT and TPOT
+    still measure when the first token was made, not when the request finished."""
+    async def main():
+        b = ContinuousBatcher(engine, max_batch_size=4)
+        b.start()
+        try:
+            prompt = engine.tokenizer.encode("Once upon a time")
+            s = b.submit("whole", prompt, _params(40), stream=False)
+            evs = [ev async for ev in s]
+            return s, evs, prompt
+        finally:
+            b.close()
+
+    s, evs, prompt = asyncio.run(main())
+    assert [e.kind for e in evs] == ["token", "finish"] and evs[1].finish_reason == "length"
+    ref = engine.generate([prompt], _params(40))[0].outputs[0]
+    assert evs[0].token_ids == ref.token_ids and evs[0].text == ref.text and s.tokens == 40
+    assert 0 < s.ttft_s < s.last_token_t - s.arrival  # the first of 40 tokens came before the last
+    assert s.tpot_s > 0
