@@ -9,6 +9,8 @@ GET /health (liveness, always open), GET /ready (engine loop alive, open), GET /
 counters, pid; behind the API key like /v1). `stream: true` answers server-sent events in OpenAI's
 chunk format ending with `data: [DONE]`. Every response carries usage token counts (streams: on the
 final chunk, or on an extra empty-choices chunk with stream_options.include_usage, as OpenAI does).
+Non-streaming answers carry a W3C `Server-Timing` header (`queue`, `engine`, `app`, in ms): where a
+request's latency went on the server, next to what the client measured.
 
 One deployment, one replica = one process = one engine + one decode loop (pipelines.serve.batching):
 requests join the running batch between decode steps. Serve gives autoscaling (on ongoing
@@ -140,6 +142,7 @@ class _Job:
         self.req, self.chat, self.prompts, self.params, self.logprobs = req, chat, prompts, params, logprobs
         self.id, self.created = id, created
         self.prompt_tokens = sum(len(ids) for _, ids in prompts)
+        self.group: Any = None  # the RequestGroup once submitted (its streams carry the timings)
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
@@ -383,7 +386,7 @@ class OpenAIServer:
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             body = await self._run(job)
             status = 200
-            return JSONResponse(body)
+            return JSONResponse(body, headers={"Server-Timing": self._server_timing(job, t0)})
         except ApiError as e:
             status = e.status
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
@@ -567,6 +570,19 @@ class OpenAIServer:
                     break
             yield batch
 
+    @staticmethod
+    def _server_timing(job: "_Job", t0: float) -> str:
+        """W3C Server-Timing of a finished non-streaming request, in ms: `queue` (waiting for a batch slot),
+        `engine` (prefill to last token, decode steps shared with other requests included) and `app` (this
+        handler, from the parsed HTTP request to the response body). Browsers' dev tools show it; clients
+        and benchmarks get the server-side split of a latency without clock sync (the longest prompt's
+        values when a request has several)."""
+        streams = list(job.group.streams.values()) if job.group is not None else []
+        queue = max((s.queue_s for s in streams if s.queue_s is not None), default=0.0)
+        engine = max((s.engine_s for s in streams if s.engine_s is not None), default=0.0)
+        return (f"queue;dur={queue * 1e3:.2f}, engine;dur={engine * 1e3:.2f}, "
+                f"app;dur={(time.perf_counter() - t0) * 1e3:.2f}")
+
     def _record(self, job: "_Job", group) -> None:
         completion = sum(s.tokens for s in group.streams.values())
         self.metrics.tokens(job.prompt_tokens, completion)
@@ -577,7 +593,7 @@ class OpenAIServer:
                 self.metrics.per_token(s.tpot_s)
 
     async def _run(self, job: "_Job") -> dict[str, Any]:
-        group = self._submit(job)
+        group = job.group = self._submit(job)
         n = job.params.n
         acc = [[_Choice() for _ in range(n)] for _ in job.prompts]
         try:

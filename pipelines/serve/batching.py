@@ -71,6 +71,8 @@ class RequestStream:
         # events of several streams may share one queue (RequestGroup); Event.request_id tells them apart
         self.queue: asyncio.Queue[Event] = queue if queue is not None else asyncio.Queue()
         self.arrival = time.perf_counter()
+        self.admitted_t: float | None = None  # handed to the engine (its prefill runs at the next step)
+        self.engine_done_t: float | None = None  # the engine finished its last choice
         self.first_token_t: float | None = None
         self.last_token_t: float | None = None
         self.tokens = 0
@@ -107,6 +109,18 @@ class RequestStream:
     @property
     def ttft_s(self) -> float | None:
         return None if self.first_token_t is None else self.first_token_t - self.arrival
+
+    @property
+    def queue_s(self) -> float | None:
+        """Waiting for a free batch slot (arrival -> handed to the engine)."""
+        return None if self.admitted_t is None else self.admitted_t - self.arrival
+
+    @property
+    def engine_s(self) -> float | None:
+        """In the engine (handed over -> its last choice finished), shared steps included."""
+        if self.admitted_t is None or self.engine_done_t is None:
+            return None
+        return self.engine_done_t - self.admitted_t
 
     @property
     def tpot_s(self) -> float | None:
@@ -237,6 +251,7 @@ class ContinuousBatcher:
                 self.stats.errors += 1
                 s._emit(Event("error", s.request_id, error=e, t=time.perf_counter()))
                 continue
+            s.admitted_t = time.perf_counter()
             self._running[s.request_id] = s
             self._used += s.num_seqs
             self.stats.admitted += 1
@@ -277,6 +292,7 @@ class ContinuousBatcher:
                 last = s._engine_open <= 0
                 s._emit(Event("finish", o.request_id, o.index, finish_reason=o.finish_reason, t=now), last=last)
                 if last:
+                    s.engine_done_t = now
                     del self._running[o.request_id]
                     self._used -= s.num_seqs
                     st.finished += 1

@@ -319,3 +319,17 @@ def test_prometheus_metrics_through_ray(api):
     assert not missing, missing
     ok = [ln for ln in mine if "raygpt_requests_total" in ln and 'status="200"' in ln]
     assert ok and float(ok[0].rsplit(" ", 1)[1]) > 0
+
+
+def test_server_timing_header_splits_the_latency(api):
+    """Non-streaming answers say where the time went on the server: queue <= engine-inclusive app time <=
+    what the client measured; the engine part covers the decode of all requested tokens."""
+    t0 = time.perf_counter()
+    r = httpx.post(api + "/v1/completions", headers=_auth(), timeout=30,
+                   json={"prompt": "To be", "max_tokens": 40, "temperature": 0, "ignore_eos": True})
+    client_ms = (time.perf_counter() - t0) * 1e3
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 40
+    parts = dict(p.strip().split(";dur=") for p in r.headers["server-timing"].split(","))
+    assert set(parts) == {"queue", "engine", "app"}
+    queue, engine, app = (float(parts[k]) for k in ("queue", "engine", "app"))
+    assert 0 <= queue < app and 0 < engine and queue + engine <= app <= client_ms
