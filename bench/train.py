@@ -106,7 +106,8 @@ def plain_loop(iters: int = 2000, *, bf16: bool = False, fused: bool = False, co
     train = np.load(DATA / "stream_train.npy").astype(np.int64)
     val = np.load(DATA / "stream_val.npy").astype(np.int64)
     T = 64
-    model = GPT(preset("shakespeare-char", vocab_size=65, block_size=T, dropout=0.0))
+    # nanoGPT's model: no biases, exact GELU (as jobs/configs/train-shakespeare-char.yaml)
+    model = GPT(preset("shakespeare-char", vocab_size=65, block_size=T, dropout=0.0, bias=False, activation="gelu"))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],

@@ -62,6 +62,7 @@ TIED = {"lm_head.weight": "transformer.wte.weight"}  # alias -> stored name
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # non-persistent attention-mask buffers older transformers versions wrote into GPT-2 state dicts
 _HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+_HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu"}  # GPTConfig.activation -> GPT2Config.activation_function
 
 
 class CheckpointError(ValueError):
@@ -84,7 +85,7 @@ class Checkpoint:
 
 def hf_config_dict(cfg: GPTConfig, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
                    dtype: str = "float32") -> dict[str, Any]:
-    """transformers.GPT2Config fields describing exactly our architecture (tanh GELU, 4x MLP, tied)."""
+    """transformers.GPT2Config fields describing exactly our architecture (GELU as configured, 4x MLP, tied)."""
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -94,7 +95,7 @@ def hf_config_dict(cfg: GPTConfig, *, bos_token_id: int | None = None, eos_token
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "n_inner": None,  # = 4 * n_embd, as in our MLP
-        "activation_function": "gelu_new",  # tanh-approximated GELU; exact GELU would break parity
+        "activation_function": _HF_ACTIVATION[cfg.activation],
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": cfg.dropout,
@@ -120,8 +121,10 @@ def config_from_hf_dict(d: Mapping[str, Any], *, name: str = "hf-import") -> GPT
     if model_type != "gpt2":
         problems.append(f"model_type must be 'gpt2', got {model_type!r} (only GPT-2 checkpoints map 1:1)")
     act = d.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        problems.append(f"activation_function must be a tanh-approximated GELU ('gelu_new'), got {act!r}")
+    activation = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                  "gelu": "gelu"}.get(act)
+    if activation is None:
+        problems.append(f"activation_function must be 'gelu_new' (GPT-2's tanh GELU) or 'gelu' (exact), got {act!r}")
     n_embd = d.get("n_embd", 768)
     if d.get("n_inner") not in (None, 4 * n_embd):
         problems.append(f"n_inner must be null or 4*n_embd={4 * n_embd}, got {d.get('n_inner')!r}")
@@ -135,7 +138,7 @@ def config_from_hf_dict(d: Mapping[str, Any], *, name: str = "hf-import") -> GPT
     try:
         return GPTConfig(n_layer=d.get("n_layer", 12), n_head=d.get("n_head", 12), n_embd=n_embd,
                          block_size=d.get("n_positions", d.get("n_ctx", 1024)),
-                         vocab_size=d.get("vocab_size", 50257), dropout=drop, bias=True,
+                         vocab_size=d.get("vocab_size", 50257), dropout=drop, bias=True, activation=activation,
                          layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5), name=name)
     except ConfigError as e:
         raise CheckpointError(f"Hugging Face config does not make a valid GPTConfig: {e}") from e

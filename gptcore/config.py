@@ -18,6 +18,10 @@ class ConfigError(ValueError):
     """A configuration value breaks a constraint. The message names field, constraint, value, fix."""
 
 
+# activation name -> the `approximate` argument of torch.nn.functional.gelu
+ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     n_layer: int = 12  # transformer blocks
@@ -26,7 +30,10 @@ class GPTConfig:
     block_size: int = 1024  # maximum context length in tokens (learned position table size)
     vocab_size: int = 50257  # rows of the token embedding (= columns of the tied lm_head)
     dropout: float = 0.0  # dropout on embeddings, attention output and MLP output (training only)
-    bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them; HF export needs them)
+    bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them; HF export writes zeros without)
+    # MLP non-linearity: GPT-2's tanh-approximated GELU ("gelu_new" in HF), or the exact (erf) GELU that
+    # nanoGPT trains with (HF "gelu"; on CPU its kernels are ~2x faster than the tanh form's)
+    activation: str = "gelu_tanh"
     layer_norm_epsilon: float = 1e-5  # GPT-2's LayerNorm epsilon
     name: str = field(default="custom", compare=False)  # preset name, for logs only
 
@@ -49,6 +56,9 @@ class GPTConfig:
         check(isinstance(self.dropout, (int, float)) and 0.0 <= float(self.dropout) < 1.0,
               f"dropout must be in [0, 1), got {self.dropout!r}; use 0.0 to disable it")
         check(isinstance(self.bias, bool), f"bias must be true or false, got {self.bias!r}")
+        check(self.activation in ACTIVATIONS,
+              f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}; 'gelu_tanh' is GPT-2's, "
+              f"'gelu' the exact GELU")
         check(isinstance(self.layer_norm_epsilon, (int, float)) and self.layer_norm_epsilon > 0,
               f"layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
         if errors:
@@ -57,6 +67,10 @@ class GPTConfig:
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def gelu_approximate(self) -> str:
+        return ACTIVATIONS[self.activation]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -134,12 +134,13 @@ class _Linear:
     a fixed per-call cost of tens of microseconds, so tiny matmuls (rows x in x out < 2^20
     multiply-adds, weights < 2^20 elements) keep nn.functional.linear."""
 
-    __slots__ = ("w", "b", "packed", "small")
+    __slots__ = ("w", "b", "packed", "small", "approximate")
 
     BIG = 1 << 20
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool, approximate: str = "tanh"):
         self.b = bias
+        self.approximate = approximate  # of the fused GELU: "tanh" (GPT-2) or "none" (exact)
         self.small = weight.numel() < self.BIG
         # the batch-size hint only picks the packed layout; any number of rows works afterwards
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16) if packed else None
@@ -148,10 +149,10 @@ class _Linear:
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:  # x: (N, in)
         if self.packed is not None and (self.w is None or x.shape[0] * self.w.numel() >= self.BIG):
             if gelu:
-                return _LINEAR_POINTWISE(x, self.packed, self.b, "gelu", [], "tanh")
+                return _LINEAR_POINTWISE(x, self.packed, self.b, "gelu", [], self.approximate)
             return _LINEAR_POINTWISE(x, self.packed, self.b, "none", [], "")
         y = torch._C._nn.linear(x, self.w, self.b)
-        return torch._C._nn.gelu(y, approximate="tanh") if gelu else y
+        return torch._C._nn.gelu(y, approximate=self.approximate) if gelu else y
 
 
 class _Forward:
@@ -192,7 +193,7 @@ class _Forward:
                     _Linear(t(blk.attn.c_attn.weight), t(blk.attn.c_attn.bias), packed),
                     _Linear(t(blk.attn.c_proj.weight), t(blk.attn.c_proj.bias), packed),
                     t(blk.ln_2.weight), t(blk.ln_2.bias),
-                    _Linear(t(blk.mlp.c_fc.weight), t(blk.mlp.c_fc.bias), packed),
+                    _Linear(t(blk.mlp.c_fc.weight), t(blk.mlp.c_fc.bias), packed, cfg.gelu_approximate),
                     _Linear(t(blk.mlp.c_proj.weight), t(blk.mlp.c_proj.bias), packed),
                 ))
             self.ln_f = (t(tr.ln_f.weight), t(tr.ln_f.bias))
@@ -209,9 +210,9 @@ class _Forward:
             lin = model.transformer.h[0].mlp.c_fc
             x = torch.randn(3, lin.in_features, dtype=self.dtype, device=self.device)
             ref = F.gelu(F.linear(x, lin.weight.to(self.dtype), None if lin.bias is None else lin.bias.to(self.dtype)),
-                         approximate="tanh")
+                         approximate=self.config.gelu_approximate)
             fc = self.layers[0][6]
-            got = torch.ops.mkldnn._linear_pointwise(x, fc.packed, fc.b, "gelu", [], "tanh")
+            got = torch.ops.mkldnn._linear_pointwise(x, fc.packed, fc.b, "gelu", [], fc.approximate)
             tol = 1e-4 if self.dtype == torch.float32 else 5e-2
             return bool(torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol))
         except Exception:

@@ -42,6 +42,7 @@ class ModelSection:
     vocab_size: int | None = None
     dropout: float | None = None
     bias: bool | None = None
+    activation: str | None = None  # "gelu_tanh" (GPT-2) or "gelu" (exact, nanoGPT's)
 
     def overrides(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)

@@ -430,3 +430,27 @@ def test_add_request_without_deltas_reports_each_completion_once_whole(model):
     assert q[0].output.text == ref.text and q[0].finish_reason == "length"
     assert q[0].first_token_time <= stamps[0] < stamps[-1]  # when its first token came, not when it finished
     assert s[0].first_token_time == s[-1].first_token_time  # the first token's time, not the step's
+
+
+
+@pytest.mark.parametrize("kernel", ["onednn", "torch"])
+def test_exact_gelu_models_decode_like_the_model(kernel):
+    """GPTConfig.activation="gelu": the engine's fused/packed MLP uses the exact GELU too."""
+    torch.manual_seed(1)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=V, block_size=96, activation="gelu")).eval()
+    eng = Engine(m, None, kernel=kernel)
+    ref = Engine(m, None, kernel="model")
+    if eng.kernel != kernel:
+        pytest.skip(f"kernel {kernel} unavailable here")
+    p = greedy(max_new_tokens=12, ignore_eos=True, logprobs=True)
+    a = eng.generate(PROMPTS, p)
+    b = ref.generate(PROMPTS, p)
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        assert x.outputs[0].logprobs == pytest.approx(y.outputs[0].logprobs, abs=1e-4)
+    # and it is a different function from the tanh form (the option is not ignored)
+    tanh = GPT(m.config.replace(activation="gelu_tanh")).eval()
+    tanh.load_state_dict(m.state_dict())
+    x = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        assert not torch.equal(m(x)[0], tanh(x)[0])

@@ -44,10 +44,11 @@ def _hf_model_from_ours(model: GPT) -> "transformers.GPT2LMHeadModel":
     return hf
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_state_dict_mapping_gives_identical_logits(bias):
+@pytest.mark.parametrize("bias,activation", [(True, "gelu_tanh"), (False, "gelu_tanh"), (False, "gelu")])
+def test_state_dict_mapping_gives_identical_logits(bias, activation):
     torch.manual_seed(0)
-    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=97, bias=bias)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=97, bias=bias, activation=activation)
+    assert hf_config_dict(cfg)["activation_function"] == {"gelu_tanh": "gelu_new", "gelu": "gelu"}[activation]
     ours = GPT(cfg).eval()
     hf = _hf_model_from_ours(ours)
     x = torch.randint(0, cfg.vocab_size, (3, 20))
@@ -147,6 +148,8 @@ def test_import_random_transformers_model(tmp_path, bpe_tok):
     with torch.no_grad():
         assert torch.allclose(ck.model(x)[0], hf(x).logits, atol=1e-4, rtol=0)
 
+    assert ck.config.activation == "gelu_tanh"  # GPT2Config's default, "gelu_new"
+
     # round trip back out: identical tensors
     again = export_hf(ck, tmp_path / "hf-again")
     hf2 = transformers.GPT2LMHeadModel.from_pretrained(again)
@@ -180,3 +183,19 @@ def test_import_refuses_pickles_and_foreign_architectures(tmp_path, bpe_tok):
         import_hf(src, tmp_path / "out")
     with pytest.raises(CheckpointError, match="does not exist"):
         import_hf(tmp_path / "nowhere", tmp_path / "out")
+
+
+def test_import_exact_gelu_transformers_model(tmp_path, bpe_tok):
+    """activation_function "gelu" (exact) imports as GPTConfig.activation "gelu" with the same logits."""
+    torch.manual_seed(3)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=32, vocab_size=bpe_tok.vocab_size, n_positions=64,
+        activation_function="gelu")).eval()
+    src = tmp_path / "hf-gelu"
+    hf.save_pretrained(src)
+    bpe_tok.hf_tokenizer().save(str(src / "tokenizer.json"))
+    ck = load_checkpoint(import_hf(src, tmp_path / "imported"))
+    assert ck.config.activation == "gelu"
+    x = torch.randint(0, bpe_tok.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert torch.allclose(ck.model(x)[0], hf(x).logits, atol=1e-4, rtol=0)

@@ -60,6 +60,7 @@ def test_unknown_key_is_refused_with_the_valid_ones(key, named):
     ({"optim.min_lr": 1.0, "optim.lr": 0.1}, ["optim.min_lr", "1.0"]),
     ({"keep_last_k": 0}, ["keep_last_k", "0"]),
     ({"init": "raygpt"}, ["init_path"]),
+    ({"model.activation": "relu"}, ["activation", "'relu'", "'gelu_tanh'"]),
 ])
 def test_bad_values(kw, words):
     with pytest.raises(ConfigError) as e:
