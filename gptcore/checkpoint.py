@@ -486,6 +486,12 @@ def read_config(path: str | os.PathLike) -> GPTConfig:
         raise CheckpointError(f"{Path(path) / CONFIG_FILE}: invalid model config ({e})") from e
 
 
+def read_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer of a checkpoint (no weights loaded, no verification)."""
+    p = Path(path) / TOKENIZER_FILE
+    return _parse_tokenizer(p.read_text(encoding="utf-8"), str(p))
+
+
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Weights + header metadata; safetensors only (a pickle or garbage gives a CheckpointError)."""
     from safetensors import SafetensorError, safe_open

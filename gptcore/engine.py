@@ -612,6 +612,9 @@ class Engine:
         self._row_params: dict[str, Any] | None = None  # per-row parameter tensors (rebuilt on change)
         self._beams: list[_BeamGroup] = []
         self._ids = itertools.count()
+        # what the last step() advanced: sequences (beam search: every beam) and distinct requests
+        self.last_step_rows = 0
+        self.last_step_requests = 0
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -728,6 +731,10 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._rows or self._beams)
+
+    def request_ids(self) -> list[str]:
+        """Requests added and not yet reported finished (waiting or running)."""
+        return list(self._requests)
 
     # ---- slots -----------------------------------------------------------------------------------
 
@@ -1052,6 +1059,8 @@ class Engine:
             picks = self._decode_step() if self._rows else []
             picks += self._admit()
         self._accept(picks, out)
+        self.last_step_rows = len(picks) + sum(g.K for g in self._beams)
+        self.last_step_requests = len({seq.req.request_id for seq, _, _ in picks}) + len(self._beams)
         for g in list(self._beams):
             g.step()
             if g.done:

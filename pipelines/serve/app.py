@@ -12,8 +12,10 @@ final chunk, or on an extra empty-choices chunk with stream_options.include_usag
 Non-streaming answers carry a W3C `Server-Timing` header (`queue`, `engine`, `app`, in ms): where a
 request's latency went on the server, next to what the client measured.
 
-One deployment, one replica = one process = one engine + one decode loop (pipelines.serve.batching):
-requests join the running batch between decode steps. Serve gives autoscaling (on ongoing
+One deployment, one replica = one engine + one batcher (pipelines.serve.batching): requests join the
+running batch between decode steps. The engine runs in a child process of the replica
+(pipelines.serve.engine_process; ServeConfig.engine_process, default on), so decoding has a core of
+its own while the replica's event loop answers HTTP; engine_process=false keeps it on that loop. Serve gives autoscaling (on ongoing
 requests), max_ongoing_requests per replica and max_queued_requests (beyond it: 503 or 429 with
 Retry-After; with ServeConfig.ingress "haproxy" HAProxy forwards HTTP straight to the replicas and
 each replica enforces it, with "proxy" Serve's proxy does, per deployment). This module enforces the
@@ -226,34 +228,50 @@ class OpenAIServer:
     def __init__(self, config: dict[str, Any]):
         import torch
 
-        from gptcore.checkpoint import load_checkpoint
-        from gptcore.engine import Engine
-        from pipelines.serve.batching import ContinuousBatcher
+        from pipelines.serve.batching import ContinuousBatcher, ProcessBatcher
         from pipelines.serve.metrics import ServeMetrics
 
         self.cfg: ServeConfig = from_dict(ServeConfig, config)
-        torch.set_num_threads(self.cfg.threads)
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.dtype]
-        ckpt = load_checkpoint(self.cfg.checkpoint, device="cpu", dtype=dtype)
-        ckpt.model.eval()
-        self.engine = Engine(ckpt.model, ckpt.tokenizer, device="cpu", dtype=dtype,
-                             max_batch_size=self.cfg.batching.max_batch_size)
-        self.tokenizer = ckpt.tokenizer
-        self.block_size = ckpt.config.block_size
-        self.vocab_size = ckpt.config.vocab_size
+        self._key_digests = load_api_keys(self.cfg.auth)  # before the engine: a bad key file fails fast
+        b = self.cfg.batching
+        self.metrics = ServeMetrics()
+        batching = dict(max_batch_size=b.max_batch_size, continuous=b.continuous,
+                        batch_wait_timeout_s=b.batch_wait_timeout_s, on_step=self.metrics.step)
+        if self.cfg.engine_process:
+            from gptcore.checkpoint import read_tokenizer
+            from pipelines.serve.engine_process import EngineProcess
+
+            torch.set_num_threads(1)  # this process only tokenises; the child decodes
+            self.engine = EngineProcess.start(self.cfg.checkpoint, dtype=self.cfg.dtype,
+                                              max_batch_size=b.max_batch_size, threads=self.cfg.threads)
+            # the child verified the checkpoint's checksums before answering
+            self.tokenizer = read_tokenizer(self.cfg.checkpoint)
+            self.block_size = self.engine.info["block_size"]
+            self.vocab_size = self.engine.info["vocab_size"]
+            self.checkpoint_id = self.engine.info["checkpoint_id"]
+            self.batcher = ProcessBatcher(self.engine, **batching)
+        else:
+            from gptcore.checkpoint import load_checkpoint
+            from gptcore.engine import Engine
+
+            torch.set_num_threads(self.cfg.threads)
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.dtype]
+            ckpt = load_checkpoint(self.cfg.checkpoint, device="cpu", dtype=dtype)
+            self.engine = Engine(ckpt.model.eval(), ckpt.tokenizer, device="cpu", dtype=dtype,
+                                 max_batch_size=b.max_batch_size)
+            self.tokenizer = ckpt.tokenizer
+            self.block_size = ckpt.config.block_size
+            self.vocab_size = ckpt.config.vocab_size
+            self.checkpoint_id = ckpt.id
+            self.batcher = ContinuousBatcher(self.engine, **batching)
         self.model_name = self.cfg.served_model_name
-        self.checkpoint_id = ckpt.id
         self.created = int(time.time())
-        self._key_digests = load_api_keys(self.cfg.auth)
         lim = self.cfg.limits
         self.max_prompt_tokens = min(lim.max_prompt_tokens or self.block_size - 1, self.block_size - 1)
-        self.metrics = ServeMetrics()
-        b = self.cfg.batching
-        self.batcher = ContinuousBatcher(self.engine, max_batch_size=b.max_batch_size, continuous=b.continuous,
-                                         batch_wait_timeout_s=b.batch_wait_timeout_s, on_step=self.metrics.step)
-        logger.info("raygpt: serving %s (checkpoint id %s, block_size %d) with %d API key(s), batching=%s",
-                    self.model_name, self.checkpoint_id[:12], self.block_size, len(self._key_digests),
-                    "continuous" if b.continuous else "static")
+        logger.info("raygpt: serving %s (checkpoint id %s, block_size %d) with %d API key(s), batching=%s, "
+                    "engine %s", self.model_name, self.checkpoint_id[:12], self.block_size, len(self._key_digests),
+                    "continuous" if b.continuous else "static",
+                    f"in process {self.engine.pid}" if self.cfg.engine_process else "on the event loop")
         if _haproxy_enabled() != (self.cfg.ingress == "haproxy"):
             # process-wide: set where Serve starts (raygpt serve, or controller_options.runtime_env in a
             # Serve config file, or the environment of `ray start`), not by this app
@@ -271,6 +289,9 @@ class OpenAIServer:
         batcher = getattr(self, "batcher", None)
         if batcher is not None:
             batcher.close()
+        close = getattr(getattr(self, "engine", None), "close", None)
+        if close is not None:  # the engine process (the in-process Engine has nothing to close)
+            close()
 
     # ---- open routes ----------------------------------------------------------------------------
 
@@ -291,6 +312,7 @@ class OpenAIServer:
         self._authorize(request)
         ctx = serve.get_replica_context()
         return {"pid": os.getpid(), "replica": getattr(ctx, "replica_tag", None) or str(getattr(ctx, "replica_id", "")),
+                "engine_pid": getattr(self.engine, "pid", os.getpid()),
                 "queued": self.batcher.queued, "running": self.batcher.running, "kernel": self.engine.kernel,
                 "torch_threads": _torch_threads(), **self.batcher.stats.as_dict()}
 

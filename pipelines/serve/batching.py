@@ -25,6 +25,11 @@ waiting coroutine per finished request instead of one per token.
 `continuous=False` gives static batching instead: new requests wait until the whole running batch
 has finished, then start together (after waiting up to `batch_wait_timeout_s` for company).
 
+`ProcessBatcher` is the same batching over an engine in a child process
+(pipelines.serve.engine_process; Serve's default, ServeConfig.engine_process): admission, slots,
+aborts and event routing stay here on the event loop, the decode steps run on another core, and
+the child's outputs arrive through an event-loop reader instead of a decode-loop task.
+
 Does not: parse HTTP, enforce request limits or timeouts (pipelines.serve.app does), or run on more
 than one engine.
 """
@@ -203,11 +208,15 @@ class ContinuousBatcher:
         self.start()
         s = RequestStream(request_id, prompt, params, num_choices, num_seqs or num_choices, stream, queue)
         self._pending.append(s)
-        self._wake.set()
+        self._kick()
         return s
 
     def abort(self, request_id: str) -> None:
         self._aborts.append(request_id)
+        self._kick()
+
+    def _kick(self) -> None:
+        """New work or an abort: wake the decode loop."""
         if self._wake is not None:
             self._wake.set()
 
@@ -215,11 +224,14 @@ class ContinuousBatcher:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
-        err = RuntimeError("server shutting down")
+        self._fail_all(RuntimeError("server shutting down"))
+
+    def _fail_all(self, err: BaseException) -> None:
         for s in list(self._running.values()) + list(self._pending):
-            s._emit(Event("error", s.request_id, error=err))
+            s._emit(Event("error", s.request_id, error=err, t=time.perf_counter()))
         self._running.clear()
         self._pending.clear()
+        self._used = 0
 
     # ---- the loop ---------------------------------------------------------------------------------
 
@@ -273,16 +285,18 @@ class ContinuousBatcher:
             self._used = 0
             return
         now = time.perf_counter()
-        seqs = 0
-        reqs = set()
+        self.stats.step_s += now - t0
+        self._deliver(outputs, [(self.engine.last_step_rows, self.engine.last_step_requests)], now)
+
+    def _deliver(self, outputs: list, steps: list[tuple[int, int]], now: float) -> None:
+        """Route the outputs of `len(steps)` engine steps (steps[i]: the sequences and the distinct
+        requests step i advanced) to their requests' streams, retire finished requests, update the
+        stats and call the on_step hook once per step."""
         st = self.stats
-        st.step_s += now - t0
         for o in outputs:
             s = self._running.get(o.request_id)
             if s is None:
                 continue  # aborted meanwhile
-            seqs += 1
-            reqs.add(o.request_id)
             if o.new_token_ids or o.new_text:
                 st.tokens += len(o.new_token_ids)
                 s._emit(Event("token", o.request_id, o.index, list(o.new_token_ids), o.new_text or "",
@@ -296,14 +310,16 @@ class ContinuousBatcher:
                     del self._running[o.request_id]
                     self._used -= s.num_seqs
                     st.finished += 1
-        st.steps += 1
-        st.max_batch = max(st.max_batch, seqs)
-        st.max_requests_in_step = max(st.max_requests_in_step, len(reqs))
-        if len(reqs) > 1:
-            st.multi_steps += 1
+        for seqs, nreq in steps:
+            st.steps += 1
+            st.max_batch = max(st.max_batch, seqs)
+            st.max_requests_in_step = max(st.max_requests_in_step, nreq)
+            if nreq > 1:
+                st.multi_steps += 1
         if self.on_step is not None:
             try:
-                self.on_step(seqs, len(self._pending), len(self._running))
+                for seqs, _ in steps:
+                    self.on_step(seqs, len(self._pending), len(self._running))
             except Exception:
                 pass
 
@@ -345,6 +361,135 @@ class ContinuousBatcher:
                 await asyncio.sleep(0)
                 last_yield = time.perf_counter()
 
+
+
+class ProcessBatcher(ContinuousBatcher):
+    """The same batching over an engine in a child process (pipelines.serve.engine_process.EngineProcess).
+
+    No decode-loop task here: the child steps on its own core. submit()/abort() and every message
+    from the child run `_pump`, which applies aborts, admits pending requests into free slots and
+    sends both to the child in one message; the child's step outputs arrive through an event-loop
+    reader and are routed exactly as the in-process loop routes them. If the child dies, every
+    request in flight gets an error and `alive` turns False (Serve's health check then replaces
+    the replica)."""
+
+    def __init__(self, engine: Any, **kwargs: Any):
+        super().__init__(engine, **kwargs)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dead: BaseException | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self.engine.fileno(), self._on_readable)
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._dead is None
+
+    def submit(self, *args: Any, **kwargs: Any) -> RequestStream:
+        if self._dead is not None:
+            raise RuntimeError(f"the engine process died ({self._dead}); this replica is being replaced")
+        return super().submit(*args, **kwargs)
+
+    def _kick(self) -> None:
+        if self._loop is not None:
+            self._pump()
+
+    def close(self) -> None:
+        """Stop: fail what is in flight and drop it from the child (whose owner closes it)."""
+        if self._dead is None and not self._closed:
+            for rid in self._running:
+                self.engine.abort(rid)
+            self._send()
+        self._closed = True
+        self._stop_reading()
+        self._fail_all(RuntimeError("server shutting down"))
+
+    # ---- driving the child ------------------------------------------------------------------------
+
+    def _stop_reading(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self.engine.fileno())
+            except (OSError, ValueError):
+                pass
+
+    def _died(self, err: BaseException) -> None:
+        if self._dead is not None or self._closed:
+            return
+        self._dead = err
+        logger.error("raygpt: the engine process died (%s); failing %d request(s)", err,
+                     len(self._running) + len(self._pending))
+        self._stop_reading()
+        self._fail_all(RuntimeError(f"the engine process died ({err})"))
+
+    def _pump(self) -> None:
+        if self._closed or self._dead is not None:
+            return
+        self._apply_aborts()
+        if not self.continuous and not self._running and self._pending:
+            # static batching: give the first request a moment to gather company
+            waited = time.perf_counter() - self._pending[0].arrival
+            room = self.max_batch_size - sum(s.num_seqs for s in self._pending)
+            if waited < self.batch_wait_timeout_s and room > 0:
+                if self._timer is None:
+                    self._timer = self._loop.call_later(self.batch_wait_timeout_s - waited, self._on_timer)
+                self._send()
+                return
+        self._admit()
+        self._send()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._pending:
+            return
+        # the wait is over for the first pending request: admit whatever has gathered
+        self._apply_aborts()
+        self._admit()
+        self._send()
+
+    def _send(self) -> None:
+        try:
+            self.engine.flush()
+        except (OSError, ValueError) as e:
+            self._died(e)
+
+    def _on_readable(self) -> None:
+        try:
+            msgs = self.engine.receive()
+        except (EOFError, OSError) as e:
+            self._died(e if str(e) else EOFError("its connection closed"))
+            return
+        now = time.perf_counter()
+        for msg in msgs:
+            kind = msg[0]
+            if kind == "step":
+                _, outputs, steps, step_s = msg
+                self.stats.step_s += step_s
+                self._deliver(outputs, steps, now)
+            elif kind == "add_error":  # a prompt the engine refused: that request only
+                _, rid, err = msg
+                s = self._running.pop(rid, None)
+                if s is not None:
+                    self._used -= s.num_seqs
+                    self.stats.admitted -= 1
+                    self.stats.errors += 1
+                    s._emit(Event("error", rid, error=err, t=now))
+            elif kind == "step_error":  # an engine bug: the child dropped these requests
+                _, err, rids = msg
+                logger.error("raygpt engine step failed in the engine process; failing %d request(s)", len(rids))
+                for rid in rids:
+                    s = self._running.pop(rid, None)
+                    if s is not None:
+                        self._used -= s.num_seqs
+                        self.stats.errors += 1
+                        s._emit(Event("error", rid, error=err, t=now))
+        self._pump()
 
 class RequestGroup:
     """The engine requests of one HTTP request (one per prompt), read as one merged event stream."""

@@ -146,6 +146,12 @@ class ServeConfig:
     # (cluster/serve/raygpt.yaml); a Serve already running keeps its own (replicas log a mismatch).
     ingress: Literal["haproxy", "proxy"] = "haproxy"
     access_log: bool = True  # Serve's per-request access log lines in the replica logs (path, status, ms)
+    # run each replica's engine in a child process of its own (pipelines.serve.engine_process): the
+    # decode steps get a core while the replica's event loop answers HTTP on another. Measured with
+    # bench/serve.py (tiny model, 16 clients, 2 cores): see BENCHMARKS.md "Serving". The child's
+    # CPU is outside the replica's num_cpus reservation (as vLLM's engine core processes are); false
+    # keeps the engine on the replica's event loop: one process, one core, less memory
+    engine_process: bool = True
     autoscaling: AutoscalingSettings = field(default_factory=AutoscalingSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)

@@ -27,8 +27,9 @@ MODEL = "tiny"
 
 @pytest.fixture(scope="module")
 def apps(serve_port, tiny_ckpt, tmp_path_factory):
-    """Two apps deployed together (their replicas start in parallel): "api" with API keys and tight
-    limits, "slow" with a 10 ms request timeout (every 240-token request runs past it)."""
+    """Three apps deployed together (their replicas start in parallel): "api" with API keys and tight
+    limits, "slow" with a 10 ms request timeout (every 240-token request runs past it), "inline" with
+    the engine on the replica's event loop instead of in a child process (engine_process false)."""
     keys = tmp_path_factory.mktemp("keys") / "api_keys.txt"
     keys.write_text(f"# raygpt test keys\n{KEY}\n\nsk-second-key-not-used\n")
     common = {"checkpoint": str(tiny_ckpt), "model_name": MODEL, "torch_threads": 1}
@@ -38,10 +39,11 @@ def apps(serve_port, tiny_ckpt, tmp_path_factory):
                 "batching": {"max_batch_size": 8}, "request_timeout_s": 30, "stream_interval_s": 0.01},
         "slow": {**common, "num_cpus": 0.25, "request_timeout_s": 0.01, "limits": {"max_tokens": 240},
                  "auth": {"api_keys_env": None}},
+        "inline": {**common, "num_cpus": 0.25, "engine_process": False, "auth": {"api_keys_env": None}},
     }, serve_port)
     yield urls
-    undeploy("api")
-    undeploy("slow")
+    for name in urls:
+        undeploy(name)
 
 
 @pytest.fixture(scope="module")
@@ -333,3 +335,28 @@ def test_server_timing_header_splits_the_latency(api):
     assert set(parts) == {"queue", "engine", "app"}
     queue, engine, app = (float(parts[k]) for k in ("queue", "engine", "app"))
     assert 0 <= queue < app and 0 < engine and queue + engine <= app <= client_ms
+
+
+def test_engine_process_and_inline_engine_answer_alike(apps):
+    """The default replica decodes in a child process; engine_process=false decodes on the replica's
+    event loop. Same checkpoint, same greedy and seeded requests, streaming or not: same answers."""
+    api, inline = apps["api"], apps["inline"]
+    s_api = httpx.get(api + "/stats", headers=_auth(), timeout=10).json()
+    s_inline = httpx.get(inline + "/stats", timeout=10).json()
+    assert s_api["engine_pid"] != s_api["pid"] and s_inline["engine_pid"] == s_inline["pid"]
+    for body in ({"prompt": "To be, or not", "max_tokens": 24, "temperature": 0, "ignore_eos": True},
+                 {"prompt": "The quick", "max_tokens": 20, "temperature": 0.9, "seed": 5, "n": 2, "logprobs": 1}):
+        got = []
+        for base, headers in ((api, _auth()), (inline, {})):
+            r = httpx.post(base + "/v1/completions", headers=headers, json={**body, "model": MODEL}, timeout=30)
+            assert r.status_code == 200, r.text
+            got.append([(c["text"], c["logprobs"]["token_logprobs"] if c["logprobs"] else None)
+                        for c in r.json()["choices"]])
+            text = ""
+            with httpx.stream("POST", base + "/v1/completions", headers=headers, timeout=30,
+                              json={**body, "model": MODEL, "stream": True, "n": 1}) as st:
+                for line in st.iter_lines():
+                    if line.startswith("data: {"):
+                        text += "".join(c["text"] for c in json.loads(line[6:])["choices"])
+            assert text == got[-1][0][0]
+        assert got[0] == got[1]

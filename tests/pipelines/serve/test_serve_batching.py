@@ -1,5 +1,8 @@
 """The continuous-batching loop on a real engine (no Ray): requests join mid-decode and leave when done.
 
+Every test runs twice: with the engine on the event loop (ContinuousBatcher) and with the engine in a
+child process (ProcessBatcher over pipelines.serve.engine_process.EngineProcess, as Serve runs it).
+
     .venv/bin/python -m pytest tests/pipelines/serve/test_serve_batching.py -q
 """
 
@@ -9,16 +12,35 @@ import asyncio
 
 import pytest
 
-from pipelines.serve.batching import ContinuousBatcher
+from pipelines.serve.batching import ContinuousBatcher, ProcessBatcher
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_ckpt):
+    """The in-process engine: the inline batcher's, and the reference answers of both."""
     from gptcore.checkpoint import load_checkpoint
     from gptcore.engine import Engine
 
     ck = load_checkpoint(tiny_ckpt)
     return Engine(ck.model, ck.tokenizer, max_batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def engine_proc(tiny_ckpt):
+    from pipelines.serve.engine_process import EngineProcess
+
+    proc = EngineProcess.start(str(tiny_ckpt), max_batch_size=8, threads=1)
+    yield proc
+    proc.close()
+
+
+@pytest.fixture(params=["inline", "process"])
+def make_batcher(request, engine):
+    """make_batcher(**kw) -> a batcher over the in-process engine or over the engine process."""
+    if request.param == "inline":
+        return lambda **kw: ContinuousBatcher(engine, **kw)
+    proc = request.getfixturevalue("engine_proc")
+    return lambda **kw: ProcessBatcher(proc, **kw)
 
 
 def _params(n_tokens: int, **kw):
@@ -37,9 +59,9 @@ async def _consume(stream, finished: list, name: str) -> list[int]:
     return ids
 
 
-async def _join_mid_decode(engine, continuous: bool):
+async def _join_mid_decode(engine, make_batcher, continuous: bool):
     tok = engine.tokenizer
-    b = ContinuousBatcher(engine, max_batch_size=8, continuous=continuous)
+    b = make_batcher(max_batch_size=8, continuous=continuous)
     b.start()
     try:
         finished: list[str] = []
@@ -59,8 +81,9 @@ async def _join_mid_decode(engine, continuous: bool):
         b.close()
 
 
-def test_short_request_joins_running_decode_and_finishes_first(engine):
-    stats, finished, p_long, long_ids, p_short, short_ids = asyncio.run(_join_mid_decode(engine, continuous=True))
+def test_short_request_joins_running_decode_and_finishes_first(engine, make_batcher):
+    stats, finished, p_long, long_ids, p_short, short_ids = asyncio.run(
+        _join_mid_decode(engine, make_batcher, continuous=True))
     assert finished == ["short", "long"]
     assert (len(long_ids), len(short_ids)) == (200, 4)
     # both were decoded in the same engine steps
@@ -70,15 +93,15 @@ def test_short_request_joins_running_decode_and_finishes_first(engine):
     assert long_ids == ref[0].outputs[0].token_ids and short_ids == ref[1].outputs[0].token_ids
 
 
-def test_static_batching_makes_the_newcomer_wait(engine):
-    stats, finished, *_ = asyncio.run(_join_mid_decode(engine, continuous=False))
+def test_static_batching_makes_the_newcomer_wait(engine, make_batcher):
+    stats, finished, *_ = asyncio.run(_join_mid_decode(engine, make_batcher, continuous=False))
     assert finished == ["long", "short"]
     assert stats.max_requests_in_step == 1
 
 
-def test_abort_and_bad_request_do_not_stop_the_loop(engine):
+def test_abort_and_bad_request_do_not_stop_the_loop(engine, make_batcher):
     async def main():
-        b = ContinuousBatcher(engine, max_batch_size=4)
+        b = make_batcher(max_batch_size=4)
         b.start()
         try:
             s = b.submit("a", engine.tokenizer.encode("hello"), _params(240))
@@ -102,11 +125,11 @@ def test_abort_and_bad_request_do_not_stop_the_loop(engine):
     asyncio.run(main())
 
 
-def test_non_streaming_request_arrives_whole_with_its_first_token_time(engine):
+def test_non_streaming_request_arrives_whole_with_its_first_token_time(engine, make_batcher):
     """stream=False: one token event with the whole completion (no per-token events), yet TTFT and TPOT
     still measure when the first token was made, not when the request finished."""
     async def main():
-        b = ContinuousBatcher(engine, max_batch_size=4)
+        b = make_batcher(max_batch_size=4)
         b.start()
         try:
             prompt = engine.tokenizer.encode("Once upon a time")
