@@ -234,10 +234,13 @@ def _median(rs: list[dict], key: str) -> float:
 def bench_a(repeats: int, iters: int, nanogpt: Path | None = None) -> dict:
     """(a) raygpt train, 1 worker, nanoGPT recipe vs the plain loop (nanoGPT-equivalent) in this process.
 
-    Peers, interleaved in every repeat: the plain loop with torch's default threads (2 here, what nanoGPT
-    uses) and with 1 thread; raygpt (the recipe file: fp32, fused AdamW) on 2 threads and on 1 thread."""
+    Peers, interleaved in every repeat: the plain loop in fp32 eager (nanoGPT's own settings) with torch's
+    default threads (2 here, what nanoGPT uses) and with 1 thread; the plain loop with the recipe's settings
+    (bf16 autocast, torch.compile, fused AdamW: what the Ray + DeepSpeed path costs on top); raygpt (the
+    recipe file) on 2 threads and on 1 thread."""
     ray_init()
-    runs: dict[str, list[dict]] = {"plain-2t": [], "plain-1t": [], "raygpt-2t": [], "raygpt-1t": []}
+    runs: dict[str, list[dict]] = {"plain-2t": [], "plain-1t": [], "plain-same": [], "raygpt-2t": [],
+                                   "raygpt-1t": []}
     if nanogpt:
         runs["nanogpt"] = []
     common = [f"max_steps={iters}", f"optim.decay_steps={max(iters, 200)}", f"eval_interval={iters}", "ckpt_interval=0"]
@@ -245,6 +248,7 @@ def bench_a(repeats: int, iters: int, nanogpt: Path | None = None) -> dict:
         if nanogpt:
             runs["nanogpt"].append(nanogpt_run(nanogpt, iters))
         runs["plain-2t"].append(plain_loop(iters, threads=2, eval_interval=0))
+        runs["plain-same"].append(plain_loop(iters, threads=2, eval_interval=0, bf16=True, fused=True, compile=True))
         runs["raygpt-2t"].append(raygpt_run(f"a2-{i}", common + ["torch_threads=2"]))
         runs["plain-1t"].append(plain_loop(iters, threads=1, eval_interval=0))
         runs["raygpt-1t"].append(raygpt_run(f"a1-{i}", common + ["torch_threads=1"]))
@@ -253,6 +257,7 @@ def bench_a(repeats: int, iters: int, nanogpt: Path | None = None) -> dict:
     med = {k: _median(v, "tokens_per_s") for k, v in runs.items()}
     ratio = {f"{r}/{p}": statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[r], runs[p]))
              for r, p in (("raygpt-2t", "plain-2t"), ("raygpt-1t", "plain-1t"), ("raygpt-1t", "plain-2t"),
+                          ("raygpt-2t", "plain-same"), ("plain-same", "plain-2t"),
                           ("raygpt-2t", "nanogpt"), ("plain-2t", "nanogpt")) if runs.get(p)}
     best = max(("raygpt-2t", "raygpt-1t"), key=lambda k: med[k])
     return {"tokens_per_s_median": med, "ms_per_iter_median": {k: _median(v, "ms_per_iter") for k, v in runs.items()},

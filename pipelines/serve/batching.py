@@ -386,7 +386,8 @@ class ProcessBatcher(ContinuousBatcher):
 
     @property
     def alive(self) -> bool:
-        return not self._closed and self._dead is None
+        # the child may die while no request is in flight (nothing reads its socket then): ask the OS too
+        return not self._closed and self._dead is None and self.engine.alive
 
     def submit(self, *args: Any, **kwargs: Any) -> RequestStream:
         if self._dead is not None:

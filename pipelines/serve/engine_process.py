@@ -199,6 +199,10 @@ def serve_engine(conn: Connection, engine: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    # Ctrl-C reaches the whole process group; the replica decides when this child ends (EOF or "close")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     argv = sys.argv[1:] if argv is None else argv
     conn = Connection(int(argv[0]))
     spec = json.loads(argv[1])
@@ -219,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     conn.send(("ready", {"kernel": engine.kernel, "checkpoint_id": ck.id, "block_size": ck.config.block_size,
                          "vocab_size": ck.config.vocab_size, "pid": os.getpid()}))
-    with torch.inference_mode():
-        serve_engine(conn, engine)
+    try:
+        with torch.inference_mode():
+            serve_engine(conn, engine)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the parent went away while we were sending: nothing left to serve
     return 0
 
 

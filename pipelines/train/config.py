@@ -104,8 +104,9 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer state + step on CPU (DeepSpeedCPUAdam, JIT-built)
     offload_params: bool = False  # ZeRO 3: parameters on CPU
     # fp32 | bf16 (GPU: DeepSpeed bf16; CPU: torch.autocast bf16, needs AVX512-BF16/AMX) | fp16 (GPU only)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False  # torch.compile the model (first steps pay the compile time)
+    # | auto: bf16 where the worker's device supports it (CUDA bf16; oneDNN bf16 on the CPU), else fp32
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    compile: bool = False  # torch.compile the model (first steps pay the compile time; CPU: needs a C++ compiler)
     seed: int = 1337
     num_workers: int = 1
     use_gpu: bool = False

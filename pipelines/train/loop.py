@@ -15,6 +15,7 @@ metrics (JSONL, TensorBoard, progress bar). Does not: validate the config or sta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -127,6 +128,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
     cfg: TrainConfig = from_dict(TrainConfig, payload["config"])
+    if cfg.precision == "auto":  # resolved here: the worker's own device decides (a driver may have none)
+        cfg = dataclasses.replace(cfg, precision=dsmod.auto_precision(cfg.use_gpu))
     model_cfg = GPTConfig.from_dict(payload["model_config"])
     run_dir = Path(payload["run_dir"])
     dist = _Dist(world)
@@ -207,7 +210,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                             tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, console=cfg.log.console)
         if ckpt is not None:
             log.event(start_step, "resumed", from_step=start_step)
-        log.event(start_step, "worker_ready", **timeline, ready=time.time())
+        log.event(start_step, "worker_ready", **timeline, ready=time.time(), precision=cfg.precision,
+                  compile=cfg.compile)
     peak = 0.0
     if rank == 0:
         dt = "fp32" if cfg.precision == "fp32" or (not cfg.use_gpu and cfg.precision != "bf16") else cfg.precision

@@ -74,12 +74,22 @@ def _median(xs: list) -> float | None:
 
 
 def _cpu_bf16_ok() -> bool:
-    import torch
+    from pipelines.train.deepspeed import cpu_bf16_ok
 
+    return cpu_bf16_ok()
+
+
+def _cpp_compiler_problem() -> str | None:
+    """Why torch.compile cannot build CPU kernels here (no C++ compiler), or None."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # noqa: BLE001
-        return False
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:
+        return None  # another torch layout: let torch.compile speak for itself
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _init_model_config(cfg: TrainConfig, run_dir: Path):
@@ -127,7 +137,10 @@ def validate(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Plan:
         raise ConfigError(f"data={cfg.data!r}: tokenizer.json is missing next to the manifest")
     if cfg.precision == "bf16" and not cfg.use_gpu and not _cpu_bf16_ok():
         raise ConfigError("precision=bf16 on CPU needs AVX512-BF16 or AMX (oneDNN reports no bf16 support on "
-                          "this machine); use precision=fp32")
+                          "this machine); use precision=fp32 (or auto: bf16 only where supported)")
+    if cfg.compile and not cfg.use_gpu and (why := _cpp_compiler_problem()):
+        raise ConfigError(f"compile=true on CPU needs a C++ compiler for torch.compile's kernels (g++ or clang++ "
+                          f"on PATH, or CXX=...), found none ({why}); install one or set compile=false")
     rows = int(m["splits"]["train"].get("rows", 0) or 0)
     if rows and rows < cfg.global_batch_size:
         raise ConfigError(f"the global batch ({cfg.global_batch_size} sequences = micro_batch_size * grad_accum * "

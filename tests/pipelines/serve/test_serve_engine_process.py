@@ -90,6 +90,17 @@ def test_unloadable_checkpoint_is_a_loud_start_error(tiny_ckpt, tmp_path):
         EngineProcess.start(str(tmp_path / "missing"))
 
 
+def test_idle_dead_child_makes_the_batcher_not_alive(tiny_ckpt):
+    """Serve's health check asks `alive`: a child killed while no request was running must show too."""
+    proc = EngineProcess.start(str(tiny_ckpt))
+    b = ProcessBatcher(proc)
+    assert b.alive
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.proc.wait(timeout=30)
+    assert not b.alive
+    proc.close()
+
+
 def test_child_exits_when_the_parent_end_closes(tiny_ckpt):
     """A replica killed without a goodbye (SIGKILL) only closes its socket: the child must notice."""
     proc = EngineProcess.start(str(tiny_ckpt))

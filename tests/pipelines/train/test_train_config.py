@@ -79,6 +79,27 @@ def test_missing_dataset_fails_before_any_worker(tmp_path):
     assert not (tmp_path / "run" / "ray").exists() and not (tmp_path / "run" / "workers").exists()
 
 
+def test_compile_on_cpu_without_a_cpp_compiler_fails_before_any_worker(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from pipelines.train.trainer import run
+    from train_testlib import make_dataset
+
+    data = make_dataset(tmp_path / "data", ["To be, or not to be, that is the question. " * 40])
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-cxx-for-raygpt-tests"))
+    with pytest.raises(ConfigError) as e:
+        run(base_config(data, tmp_path / "run", compile=True))
+    assert "compile=true" in str(e.value) and "C++ compiler" in str(e.value) and "compile=false" in str(e.value)
+    assert not (tmp_path / "run" / "workers").exists()
+
+
+def test_precision_auto_is_accepted_and_resolved_per_device():
+    from pipelines.train.deepspeed import auto_precision, cpu_bf16_ok
+
+    assert _cfg(precision="auto").precision == "auto"
+    assert auto_precision(use_gpu=False) == ("bf16" if cpu_bf16_ok() else "fp32")
+
+
 def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
     cfg = tmp_path / "t.yaml"
     cfg.write_text(f"data: {tmp_path / 'nope'}\nrun_dir: {tmp_path / 'run'}\n")
