@@ -79,16 +79,18 @@ def test_missing_dataset_fails_before_any_worker(tmp_path):
     assert not (tmp_path / "run" / "ray").exists() and not (tmp_path / "run" / "workers").exists()
 
 
-def test_compile_on_cpu_without_a_cpp_compiler_fails_before_any_worker(tmp_path, monkeypatch):
+def test_compile_on_cpu_without_a_cpp_compiler_fails_before_any_worker(tmp_path):
     import torch._inductor.config as inductor_config
 
     from pipelines.train.trainer import run
     from train_testlib import make_dataset
 
     data = make_dataset(tmp_path / "data", ["To be, or not to be, that is the question. " * 40])
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-cxx-for-raygpt-tests"))
-    with pytest.raises(ConfigError) as e:
-        run(base_config(data, tmp_path / "run", compile=True))
+    # torch's own config patcher (monkeypatch would delete the option on undo: it is no plain attribute)
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-cxx-for-raygpt-tests")}):
+        with pytest.raises(ConfigError) as e:
+            run(base_config(data, tmp_path / "run", compile=True))
+    assert inductor_config.cpp.cxx != (None, "no-such-cxx-for-raygpt-tests")
     assert "compile=true" in str(e.value) and "C++ compiler" in str(e.value) and "compile=false" in str(e.value)
     assert not (tmp_path / "run" / "workers").exists()
 
