@@ -12,6 +12,9 @@ GIL; a second thread made it worse, see pipelines.serve.batching), and on a 2-co
 replica capped out at ~1 core: at 16 clients the tiny model spent ~10.1 ms of replica CPU per
 request of which ~8.7 ms were the engine's. Here the child only decodes, on its own core, while the
 replica's event loop answers HTTP on another; vLLM's V1 engine core process splits the same way.
+Measured (bench/serve.py, tiny model, 2 cores; BENCHMARKS.md "Serving"): 16 streaming clients +15%
+tokens/s, 4 clients +9%, 16 non-streaming clients on par, ~0.5 ms more 1-client latency and ~1 ms
+more CPU per request (pickling across the socket pair).
 
 Protocol: a socket pair carrying pickled messages (multiprocessing.connection framing). Parent ->
 child: lists of ("add", request_id, prompt_ids, params, deltas) and ("abort", request_id), applied
