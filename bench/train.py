@@ -94,7 +94,7 @@ def prepare_data(out: Path = DATA, block_size: int = 64) -> Path:
 
 def plain_loop(iters: int = 2000, *, bf16: bool = False, fused: bool = False, compile: bool = False,
                threads: int = 2, eval_interval: int = 250, eval_iters: int = 20, batch: int = 12,
-               seed: int = 1337) -> dict:
+               seed: int = 1337, on_step=None) -> dict:
     import numpy as np
     import torch
 
@@ -157,6 +157,8 @@ def plain_loop(iters: int = 2000, *, bf16: bool = False, fused: bool = False, co
         opt.zero_grad(set_to_none=True)
         loss.item()
         times.append(time.perf_counter() - t0)
+        if on_step is not None:
+            on_step(it, times[-1])
     evals.append((iters, val_loss(), time.time() - t_start))
     steady = sorted(times[20:]) or sorted(times)
     med = steady[len(steady) // 2]
@@ -335,9 +337,177 @@ def sweep(iters: int, repeats: int) -> dict:
     return {k: {"tokens_per_s": statistics.median(v), "x_fp32": statistics.median(v) / base} for k, v in res.items()}
 
 
+# ---- (a) time-sliced: the peers take turns on the same machine, seconds apart ---------------------
+
+STEP_LINE = r"^iter (\d+): .*time ([0-9.]+)ms"  # nanoGPT's log line (the plain-loop subprocess prints the same)
+
+
+class _Peer:
+    """A training process the slicer pauses (SIGSTOP) and resumes (SIGCONT); its steps: (end time, seconds)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.pid: int | None = None
+        self.steps: list[tuple[float, float]] = []
+        self.proc = None
+
+    def start_subprocess(self, cmd: list[str], cwd: Path) -> None:
+        import re
+        import subprocess
+        import threading
+
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.pid = self.proc.pid
+        pat = re.compile(STEP_LINE)
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                m = pat.match(line)
+                if m:
+                    self.steps.append((time.time(), float(m.group(2)) / 1e3))
+        threading.Thread(target=read, daemon=True).start()
+
+    def signal(self, sig) -> None:
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def _raygpt_steps(run_dir: Path, interval: int) -> list[tuple[float, float]]:
+    """Per-step (end time, seconds) of a raygpt run from metrics.jsonl. Records are written in groups of
+    `interval` steps (log.interval) right after the group's last step; earlier steps of a group ended
+    the later steps' durations before that."""
+    from pipelines.train.metrics import read_metrics
+
+    tr = read_metrics(run_dir, "train")
+    out = []
+    for g in range(0, len(tr), interval):
+        grp = tr[g:g + interval]
+        end = grp[-1]["time"]
+        ends = []
+        for r in reversed(grp):
+            ends.append((end, r["step_time_s"]))
+            end -= r["step_time_s"]
+        out += ends[::-1]
+    return out
+
+
+def bench_a_sliced(nanogpt: Path, rounds: int, window_s: float) -> dict:
+    """(a) raygpt train (1 worker, the recipe), nanoGPT's train.py (README CPU command) and the plain fp32
+    loop (a subprocess of this script) run at the same time, but only one of them computes at a time: the
+    others are paused (SIGSTOP) and each gets a window of `window_s` seconds in turn, `rounds` times
+    (the order rotates every round). A shared machine whose speed drifts within a minute then drifts under
+    all three alike. Per window: the median step time of the peer that ran (the first step ending in a
+    window, the one the pause cut through, is left out); per round: the ratios; reported: their median."""
+    import shutil
+    import signal
+    import threading
+
+    ray_init()
+    d = nanogpt / "data" / "shakespeare_char"
+    if not (d / "train.bin").is_file():
+        nanogpt_run(nanogpt, 25)  # prepares its data
+    rd = RUNS / "a-sliced"
+    steps_needed = 40 + int(rounds * window_s / 0.016)  # outlasts the rotation even at 16 ms/step
+    nano = _Peer("nanogpt")
+    plain = _Peer("plain-fp32")
+    ray_peer = _Peer("raygpt")
+    peers = [ray_peer, nano, plain]
+    windows: list[tuple[str, float, float]] = []
+    state: dict = {"error": None}
+
+    def slicer() -> None:
+        try:
+            nano.start_subprocess([sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu",
+                                   "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+                                   "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
+                                   "--max_iters=1000000", "--lr_decay_iters=2000", "--dropout=0.0",
+                                   "--eval_interval=1000000", f"--out_dir={RUNS / 'nanogpt-out'}"], nanogpt)
+            plain.start_subprocess([sys.executable, str(Path(__file__).resolve()), "_plain-steps"], REPO)
+            parked: set[str] = set()
+            pid_file = rd / "workers" / "rank_0.pid"
+            while len(parked) < 2 or ray_peer.pid is None or len(_raygpt_steps(rd, 10)) < 30:
+                for p in (nano, plain):  # warm (a few steps), then wait paused until raygpt has compiled
+                    if p.name not in parked and len(p.steps) >= 8:
+                        p.signal(signal.SIGSTOP)
+                        parked.add(p.name)
+                    if p.proc.poll() is not None:
+                        raise RuntimeError(f"{p.name} exited with {p.proc.returncode} before the rotation")
+                if ray_peer.pid is None and pid_file.is_file():
+                    pid = int(pid_file.read_text())
+                    if "RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                        ray_peer.pid = pid
+                if state.get("raygpt_done"):
+                    raise RuntimeError("raygpt finished before the rotation started")
+                time.sleep(0.2)
+            ray_peer.signal(signal.SIGSTOP)
+            for r in range(rounds):
+                if state.get("raygpt_done"):
+                    break
+                order = peers[r % 3:] + peers[:r % 3]
+                for p in order:
+                    p.signal(signal.SIGCONT)
+                    t0 = time.time()
+                    time.sleep(window_s)
+                    p.signal(signal.SIGSTOP)
+                    windows.append((p.name, t0, time.time()))
+                    time.sleep(0.05)  # the stop lands before the next peer starts
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            state["error"] = e
+        finally:
+            ray_peer.signal(signal.SIGCONT)  # raygpt finishes its steps alone; the peers are stopped for good
+            for p in (nano, plain):
+                p.signal(signal.SIGCONT)
+                if p.proc is not None:
+                    p.proc.terminate()
+
+    shutil.rmtree(rd, ignore_errors=True)  # no stale pid file or metrics from an earlier run for the slicer
+    th = threading.Thread(target=slicer, daemon=True)
+    th.start()
+    try:
+        res = raygpt_run("a-sliced", [f"max_steps={steps_needed}", f"optim.decay_steps={steps_needed}",
+                                      f"eval_interval={steps_needed}", "ckpt_interval=0", "log.interval=10"])
+    finally:
+        state["raygpt_done"] = True
+        th.join()
+    if state["error"] is not None:
+        raise state["error"]
+    ray_peer.steps = _raygpt_steps(rd, 10)
+
+    def window_rate(p: _Peer, t0: float, t1: float) -> float | None:
+        dts = [dt for end, dt in p.steps if t0 < end <= t1][1:]  # the first one spans the pause
+        return 12 * 64 / statistics.median(dts) if len(dts) >= 5 else None
+
+    by_peer = {p.name: p for p in peers}
+    for name, t0, t1 in windows:  # a paused peer finishes no step (beyond the one in flight at the pause)
+        for p in peers:
+            ended = [end for end, _ in p.steps if t0 + 0.5 < end <= t1]
+            if p.name != name and ended:
+                raise RuntimeError(f"{p.name} (pid {p.pid}) finished {len(ended)} steps in {name}'s window: "
+                                   f"the pause did not hold")
+    per_round = []
+    for r in range(len(windows) // 3):
+        w = windows[3 * r:3 * r + 3]
+        per_round.append({name: window_rate(by_peer[name], t0, t1) for name, t0, t1 in w})
+    ok = [r for r in per_round if all(v for v in r.values())]
+    ratios = {f"raygpt/{n}": [r["raygpt"] / r[n] for r in ok] for n in ("nanogpt", "plain-fp32")}
+    return {"window_s": window_s, "rounds": len(per_round), "rounds_used": len(ok),
+            "tokens_per_s_median": {n: statistics.median(r[n] for r in ok) for n in by_peer},
+            "ratios_median": {k: statistics.median(v) for k, v in ratios.items()},
+            "ratios_range": {k: [min(v), max(v)] for k, v in ratios.items()},
+            "ratios_per_round": {k: [round(x, 3) for x in v] for k, v in ratios.items()},
+            "raygpt_mfu": res["mfu"], "runs": {"per_round": per_round, "windows": windows}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", nargs="?", choices=("a", "full", "b", "c", "sweep"), default=None)
+    ap.add_argument("what", nargs="?", choices=("a", "a-sliced", "full", "b", "c", "sweep", "_plain-steps"),
+                    default=None)
+    ap.add_argument("--rounds", type=int, default=12, help="(a-sliced) turns each peer gets")
+    ap.add_argument("--window", type=float, default=2.0, help="(a-sliced) seconds per turn")
     ap.add_argument("--prepare-data", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--iters", type=int, default=None)
@@ -348,8 +518,16 @@ def main() -> None:
     if a.prepare_data and not a.what:
         print(f"dataset ready: {DATA}")
         return
+    if a.what == "_plain-steps":  # the plain fp32 loop as a peer process of a-sliced: one line per step
+        plain_loop(10 ** 6, eval_interval=0,
+                   on_step=lambda it, dt: print(f"iter {it}: time {dt * 1e3:.3f}ms", flush=True))
+        return
     t0 = time.time()
-    if a.what == "a":
+    if a.what == "a-sliced":
+        if not a.nanogpt:
+            ap.error("a-sliced needs --nanogpt DIR (a nanoGPT checkout)")
+        out = bench_a_sliced(a.nanogpt, a.rounds, a.window)
+    elif a.what == "a":
         out = bench_a(a.repeats, a.iters or 300, a.nanogpt)
     elif a.what == "full":
         out = full_recipe(a.repeats)

