@@ -26,7 +26,7 @@ BENCHES = {
     "prep": ("prep", ["--mb", "64", "--repeats", "3", "--variants", "core,clean"]),
     "generate": ("generate", ["--repeats", "5"]),
     "train-a": ("train", ["a", "--repeats", "3"]),
-    "train-b": ("train", ["b", "--repeats", "3"]),
+    "train-b": ("train", ["b-sliced", "--rounds", "10"]),
     "train-c": ("train", ["c", "--repeats", "3"]),
     "batch_generate": ("batch_generate", ["--prompts", "2000", "--repeats", "3"]),
     "serve": ("serve", ["--rounds", "3"]),
@@ -42,8 +42,8 @@ def main(argv: list[str]) -> int:
     failed = []
     for name in names:
         script, args = BENCHES[name]
-        if name == "train-a" and os.environ.get("NANOGPT_DIR"):  # nanoGPT's own train.py as a peer
-            args = [*args, "--nanogpt", os.environ["NANOGPT_DIR"]]
+        if name == "train-a" and os.environ.get("NANOGPT_DIR"):  # nanoGPT's own train.py as a peer, taking turns
+            args = ["a-sliced", "--rounds", "16", "--nanogpt", os.environ["NANOGPT_DIR"]]
         cmd = [sys.executable, str(HERE / f"{script}.py"), *args]
         print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
         t0 = time.time()

@@ -3,6 +3,9 @@
     .venv/bin/python bench/train.py --prepare-data          # runs/data/shakespeare-char-64 (nanoGPT's split)
     .venv/bin/python bench/train.py a [--repeats 3]         # (a) 1 worker vs the plain loop, tokens/s (300 iters)
     .venv/bin/python bench/train.py a --nanogpt DIR         # ... and nanoGPT's own train.py (a checkout in DIR)
+    .venv/bin/python bench/train.py a-sliced --nanogpt DIR [--rounds 16 --window 2]
+                                                            # (a) raygpt, nanoGPT, plain loop take turns (SIGSTOP)
+    .venv/bin/python bench/train.py b-sliced [--rounds 10]  # (b) 1 worker and 2 workers ZeRO-2 take turns
     .venv/bin/python bench/train.py full [--repeats 1]      # (a) the whole 2000-iter recipe: val loss, wall time
     .venv/bin/python bench/train.py b [--repeats 3]         # (b) 2 workers ZeRO-2 vs 1 process, same 2 cores
     .venv/bin/python bench/train.py c [--repeats 3]         # (c) wall time to val loss <= 1.88 through Ray
@@ -337,17 +340,20 @@ def sweep(iters: int, repeats: int) -> dict:
     return {k: {"tokens_per_s": statistics.median(v), "x_fp32": statistics.median(v) / base} for k, v in res.items()}
 
 
-# ---- (a) time-sliced: the peers take turns on the same machine, seconds apart ---------------------
+# ---- time-sliced side by side: the peers take turns on the same machine, seconds apart --------------
 
 STEP_LINE = r"^iter (\d+): .*time ([0-9.]+)ms"  # nanoGPT's log line (the plain-loop subprocess prints the same)
 
 
 class _Peer:
-    """A training process the slicer pauses (SIGSTOP) and resumes (SIGCONT); its steps: (end time, seconds)."""
+    """A training run the slicer pauses (SIGSTOP) and resumes (SIGCONT): a subprocess that prints step lines,
+    or a raygpt run (its Ray Train worker processes). steps: (end time, seconds) per training step."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, run_dir: Path | None = None, workers: int = 0):
         self.name = name
-        self.pid: int | None = None
+        self.run_dir = run_dir
+        self.workers = workers
+        self.pids: list[int] = []
         self.steps: list[tuple[float, float]] = []
         self.proc = None
 
@@ -358,7 +364,7 @@ class _Peer:
 
         self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.pid = self.proc.pid
+        self.pids = [self.proc.pid]
         pat = re.compile(STEP_LINE)
 
         def read() -> None:
@@ -368,10 +374,28 @@ class _Peer:
                     self.steps.append((time.time(), float(m.group(2)) / 1e3))
         threading.Thread(target=read, daemon=True).start()
 
+    def poll(self) -> int:
+        """Steps seen so far; finds a raygpt run's worker pids once they exist."""
+        if self.run_dir is not None:
+            if len(self.pids) < self.workers:
+                pids = []
+                for r in range(self.workers):
+                    f = self.run_dir / "workers" / f"rank_{r}.pid"
+                    if f.is_file():
+                        pid = int(f.read_text())
+                        if "RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                            pids.append(pid)
+                if len(pids) == self.workers:
+                    self.pids = pids
+            self.steps = _raygpt_steps(self.run_dir, 10)
+        elif self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before the rotation ended")
+        return len(self.steps) if self.pids else 0
+
     def signal(self, sig) -> None:
-        if self.pid is not None:
+        for pid in self.pids:
             try:
-                os.kill(self.pid, sig)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
 
@@ -395,60 +419,47 @@ def _raygpt_steps(run_dir: Path, interval: int) -> list[tuple[float, float]]:
     return out
 
 
-def bench_a_sliced(nanogpt: Path, rounds: int, window_s: float) -> dict:
-    """(a) raygpt train (1 worker, the recipe), nanoGPT's train.py (README CPU command) and the plain fp32
-    loop (a subprocess of this script) run at the same time, but only one of them computes at a time: the
-    others are paused (SIGSTOP) and each gets a window of `window_s` seconds in turn, `rounds` times
-    (the order rotates every round). A shared machine whose speed drifts within a minute then drifts under
-    all three alike. Per window: the median step time of the peer that ran (the first step ending in a
-    window, the one the pause cut through, is left out); per round: the ratios; reported: their median."""
+def _sliced(peers: list[_Peer], raygpt_runs: list[tuple[str, list[str]]], rounds: int, window_s: float,
+            start_subprocesses=None) -> dict:
+    """Run `raygpt_runs` (name, overrides; the last one in this thread, the others in threads) and the
+    subprocess peers at the same time, but let only one peer compute at a time: each gets `window_s`
+    seconds in turn, `rounds` times, the order rotating every round; the others wait stopped (SIGSTOP).
+    Before the rotation each peer warms up (the raygpt runs compile) while the subprocesses wait stopped.
+    A shared machine whose speed drifts within a minute then drifts under all peers alike. Per window: the
+    median step time of the peer that ran (the first step ending in a window, the one the pause cut
+    through, is left out). Returns tokens/s per peer and round."""
     import shutil
     import signal
     import threading
 
-    ray_init()
-    d = nanogpt / "data" / "shakespeare_char"
-    if not (d / "train.bin").is_file():
-        nanogpt_run(nanogpt, 25)  # prepares its data
-    rd = RUNS / "a-sliced"
-    steps_needed = 40 + int(rounds * window_s / 0.016)  # outlasts the rotation even at 16 ms/step
-    nano = _Peer("nanogpt")
-    plain = _Peer("plain-fp32")
-    ray_peer = _Peer("raygpt")
-    peers = [ray_peer, nano, plain]
     windows: list[tuple[str, float, float]] = []
-    state: dict = {"error": None}
+    state: dict = {"error": None, "done": 0}
+    for name, _ in raygpt_runs:
+        shutil.rmtree(RUNS / name, ignore_errors=True)  # no stale pid file or metrics for the slicer
+    subs = [p for p in peers if p.run_dir is None]
 
     def slicer() -> None:
         try:
-            nano.start_subprocess([sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu",
-                                   "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
-                                   "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
-                                   "--max_iters=1000000", "--lr_decay_iters=2000", "--dropout=0.0",
-                                   "--eval_interval=1000000", f"--out_dir={RUNS / 'nanogpt-out'}"], nanogpt)
-            plain.start_subprocess([sys.executable, str(Path(__file__).resolve()), "_plain-steps"], REPO)
+            if start_subprocesses:
+                start_subprocesses()
             parked: set[str] = set()
-            pid_file = rd / "workers" / "rank_0.pid"
-            while len(parked) < 2 or ray_peer.pid is None or len(_raygpt_steps(rd, 10)) < 30:
-                for p in (nano, plain):  # warm (a few steps), then wait paused until raygpt has compiled
-                    if p.name not in parked and len(p.steps) >= 8:
+            while True:  # subprocesses: a few steps, then wait stopped; raygpt runs: past compilation
+                counts = {p.name: p.poll() for p in peers}
+                for p in subs:
+                    if p.name not in parked and counts[p.name] >= 8:
                         p.signal(signal.SIGSTOP)
                         parked.add(p.name)
-                    if p.proc.poll() is not None:
-                        raise RuntimeError(f"{p.name} exited with {p.proc.returncode} before the rotation")
-                if ray_peer.pid is None and pid_file.is_file():
-                    pid = int(pid_file.read_text())
-                    if "RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
-                        ray_peer.pid = pid
-                if state.get("raygpt_done"):
-                    raise RuntimeError("raygpt finished before the rotation started")
-                time.sleep(0.2)
-            ray_peer.signal(signal.SIGSTOP)
-            for r in range(rounds):
-                if state.get("raygpt_done"):
+                if len(parked) == len(subs) and all(counts[p.name] >= 30 for p in peers if p.run_dir):
                     break
-                order = peers[r % 3:] + peers[:r % 3]
-                for p in order:
+                if state["done"]:
+                    raise RuntimeError("a raygpt run finished before the rotation started")
+                time.sleep(0.2)
+            for p in peers:
+                p.signal(signal.SIGSTOP)
+            for r in range(rounds):
+                if state["done"]:
+                    break
+                for p in peers[r % len(peers):] + peers[:r % len(peers)]:
                     p.signal(signal.SIGCONT)
                     t0 = time.time()
                     time.sleep(window_s)
@@ -458,53 +469,120 @@ def bench_a_sliced(nanogpt: Path, rounds: int, window_s: float) -> dict:
         except Exception as e:  # noqa: BLE001 - reported by the main thread
             state["error"] = e
         finally:
-            ray_peer.signal(signal.SIGCONT)  # raygpt finishes its steps alone; the peers are stopped for good
-            for p in (nano, plain):
+            for p in peers:  # raygpt runs finish their steps alone; subprocesses are stopped for good
                 p.signal(signal.SIGCONT)
                 if p.proc is not None:
                     p.proc.terminate()
 
-    shutil.rmtree(rd, ignore_errors=True)  # no stale pid file or metrics from an earlier run for the slicer
+    results: dict[str, dict] = {}
+
+    def run_one(name: str, over: list[str]) -> None:
+        try:
+            results[name] = raygpt_run(name, over)
+        except Exception as e:  # noqa: BLE001
+            state["error"] = state["error"] or e
+        finally:
+            state["done"] += 1
+
     th = threading.Thread(target=slicer, daemon=True)
     th.start()
-    try:
-        res = raygpt_run("a-sliced", [f"max_steps={steps_needed}", f"optim.decay_steps={steps_needed}",
-                                      f"eval_interval={steps_needed}", "ckpt_interval=0", "log.interval=10"])
-    finally:
-        state["raygpt_done"] = True
-        th.join()
+    others = [threading.Thread(target=run_one, args=r, daemon=True) for r in raygpt_runs[:-1]]
+    for t in others:
+        t.start()
+    run_one(*raygpt_runs[-1])
+    for t in others:
+        t.join()
+    th.join()
     if state["error"] is not None:
         raise state["error"]
-    ray_peer.steps = _raygpt_steps(rd, 10)
+    for p in peers:
+        if p.run_dir is not None:
+            p.steps = _raygpt_steps(p.run_dir, 10)
+    for name, t0, t1 in windows:  # a paused peer finishes no step (beyond the one in flight at the pause)
+        for p in peers:
+            ended = [end for end, _ in p.steps if t0 + 0.5 < end <= t1]
+            if p.name != name and ended:
+                raise RuntimeError(f"{p.name} (pids {p.pids}) finished {len(ended)} steps in {name}'s window: "
+                                   f"the pause did not hold")
 
     def window_rate(p: _Peer, t0: float, t1: float) -> float | None:
         dts = [dt for end, dt in p.steps if t0 < end <= t1][1:]  # the first one spans the pause
         return 12 * 64 / statistics.median(dts) if len(dts) >= 5 else None
 
     by_peer = {p.name: p for p in peers}
-    for name, t0, t1 in windows:  # a paused peer finishes no step (beyond the one in flight at the pause)
-        for p in peers:
-            ended = [end for end, _ in p.steps if t0 + 0.5 < end <= t1]
-            if p.name != name and ended:
-                raise RuntimeError(f"{p.name} (pid {p.pid}) finished {len(ended)} steps in {name}'s window: "
-                                   f"the pause did not hold")
-    per_round = []
-    for r in range(len(windows) // 3):
-        w = windows[3 * r:3 * r + 3]
-        per_round.append({name: window_rate(by_peer[name], t0, t1) for name, t0, t1 in w})
-    ok = [r for r in per_round if all(v for v in r.values())]
-    ratios = {f"raygpt/{n}": [r["raygpt"] / r[n] for r in ok] for n in ("nanogpt", "plain-fp32")}
-    return {"window_s": window_s, "rounds": len(per_round), "rounds_used": len(ok),
-            "tokens_per_s_median": {n: statistics.median(r[n] for r in ok) for n in by_peer},
+    n = len(peers)
+    per_round = [{name: window_rate(by_peer[name], t0, t1) for name, t0, t1 in windows[n * r:n * r + n]}
+                 for r in range(len(windows) // n)]
+    return {"per_round": [r for r in per_round if all(v for v in r.values())], "rounds": len(per_round),
+            "windows": windows, "raygpt": results}
+
+
+def _ratio_summary(rounds: list[dict], pairs: list[tuple[str, str]]) -> dict:
+    ratios = {f"{a}/{b}": [r[a] / r[b] for r in rounds] for a, b in pairs}
+    return {"tokens_per_s_median": {k: statistics.median(r[k] for r in rounds) for k in rounds[0]},
             "ratios_median": {k: statistics.median(v) for k, v in ratios.items()},
             "ratios_range": {k: [min(v), max(v)] for k, v in ratios.items()},
-            "ratios_per_round": {k: [round(x, 3) for x in v] for k, v in ratios.items()},
-            "raygpt_mfu": res["mfu"], "runs": {"per_round": per_round, "windows": windows}}
+            "ratios_per_round": {k: [round(x, 3) for x in v] for k, v in ratios.items()}}
+
+
+def _steps_needed(rounds: int, peers: int, window_s: float, fastest_s: float) -> int:
+    # outlasts the warm-up + rotation even at `fastest_s` per step (afterwards it finishes alone)
+    return 40 + int(rounds * window_s / fastest_s)
+
+
+def bench_a_sliced(nanogpt: Path, rounds: int, window_s: float) -> dict:
+    """(a) time-sliced: raygpt train (1 worker, the recipe), nanoGPT's train.py (README CPU command) and the
+    plain fp32 loop (a subprocess of this script) take turns, `window_s` seconds each (see _sliced)."""
+    ray_init()
+    if not (nanogpt / "data" / "shakespeare_char" / "train.bin").is_file():
+        nanogpt_run(nanogpt, 25)  # prepares its data
+    nano, plain = _Peer("nanogpt"), _Peer("plain-fp32")
+    ray_peer = _Peer("raygpt", RUNS / "a-sliced", workers=1)
+
+    def start() -> None:
+        nano.start_subprocess([sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu",
+                               "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+                               "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
+                               "--max_iters=1000000", "--lr_decay_iters=2000", "--dropout=0.0",
+                               "--eval_interval=1000000", f"--out_dir={RUNS / 'nanogpt-out'}"], nanogpt)
+        plain.start_subprocess([sys.executable, str(Path(__file__).resolve()), "_plain-steps"], REPO)
+
+    n = _steps_needed(rounds, 3, window_s, 0.016)
+    out = _sliced([ray_peer, nano, plain], [("a-sliced", [f"max_steps={n}", f"optim.decay_steps={n}",
+                                                          f"eval_interval={n}", "ckpt_interval=0", "log.interval=10"])],
+                  rounds, window_s, start)
+    res = out["raygpt"]["a-sliced"]
+    return {"window_s": window_s, "rounds": out["rounds"], "rounds_used": len(out["per_round"]),
+            **_ratio_summary(out["per_round"], [("raygpt", "nanogpt"), ("raygpt", "plain-fp32")]),
+            "raygpt_mfu": res["mfu"], "raygpt_peak_rss_mb": res["peak_rss_mb"],
+            "runs": {"per_round": out["per_round"], "windows": out["windows"]}}
+
+
+def bench_b_sliced(rounds: int, window_s: float) -> dict:
+    """(b) time-sliced: 2 workers ZeRO-2 (1 CPU + 1 thread each, micro batch 6) and 1 worker (2 threads,
+    micro batch 12), same global batch of 12, take turns on the 2 cores, `window_s` seconds each. Ray is
+    started with 4 logical CPUs so that both runs are placed at once; only one of them runs at a time."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        ray.init(log_to_driver=False, num_cpus=4)
+    n = _steps_needed(rounds, 2, window_s, 0.018)
+    common = [f"max_steps={n}", f"optim.decay_steps={n}", f"eval_interval={n}", "ckpt_interval=0", "log.interval=10"]
+    one = _Peer("one-2t", RUNS / "b-sliced-one", workers=1)
+    two = _Peer("two-zero2", RUNS / "b-sliced-two", workers=2)
+    out = _sliced([one, two], [("b-sliced-one", common + ["torch_threads=2"]),
+                               ("b-sliced-two", common + ["num_workers=2", "zero_stage=2", "batch.micro_batch_size=6",
+                                                          "resources_per_worker={CPU: 1}"])], rounds, window_s)
+    return {"window_s": window_s, "rounds": out["rounds"], "rounds_used": len(out["per_round"]),
+            **_ratio_summary(out["per_round"], [("two-zero2", "one-2t")]),
+            "peak_rss_mb": {k: v["peak_rss_mb"] for k, v in out["raygpt"].items()},
+            "runs": {"per_round": out["per_round"], "windows": out["windows"]}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", nargs="?", choices=("a", "a-sliced", "full", "b", "c", "sweep", "_plain-steps"),
+    ap.add_argument("what", nargs="?", choices=("a", "a-sliced", "full", "b", "b-sliced", "c", "sweep", "_plain-steps"),
                     default=None)
     ap.add_argument("--rounds", type=int, default=12, help="(a-sliced) turns each peer gets")
     ap.add_argument("--window", type=float, default=2.0, help="(a-sliced) seconds per turn")
@@ -527,6 +605,8 @@ def main() -> None:
         if not a.nanogpt:
             ap.error("a-sliced needs --nanogpt DIR (a nanoGPT checkout)")
         out = bench_a_sliced(a.nanogpt, a.rounds, a.window)
+    elif a.what == "b-sliced":
+        out = bench_b_sliced(a.rounds, a.window)
     elif a.what == "a":
         out = bench_a(a.repeats, a.iters or 300, a.nanogpt)
     elif a.what == "full":

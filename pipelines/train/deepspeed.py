@@ -45,7 +45,10 @@ def ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """DeepSpeed JSON config for this run (what `deepspeed.initialize(config=...)` receives)."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 1:
-        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
+        # contiguous_gradients copies every gradient into one flat buffer as backward produces it, against
+        # memory fragmentation on a GPU; on a CPU it is a copy for nothing (measured: ZeRO-2, 2 CPU workers,
+        # nanoGPT recipe, 1.11x tokens/s without it, time-sliced A/B)
+        zero.update(overlap_comm=False, contiguous_gradients=bool(cfg.use_gpu), reduce_scatter=True)
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(cfg.use_gpu)}
     if cfg.offload_params:

@@ -128,6 +128,9 @@ def test_ds_config_from_train_config():
     assert d["train_batch_size"] == 12 and d["gradient_accumulation_steps"] == 2
     assert d["train_micro_batch_size_per_gpu"] == 3 and d["zero_optimization"]["stage"] == 2
     assert d["gradient_clipping"] == 0.5 and "bf16" not in d and "fp16" not in d and "optimizer" not in d
+    # the flat gradient buffer guards GPU memory against fragmentation; on a CPU it is only a copy
+    assert d["zero_optimization"]["contiguous_gradients"] is False
+    assert ds_config(_cfg(zero_stage=2, use_gpu="true"), 2)["zero_optimization"]["contiguous_gradients"] is True
     # ZeRO 0 clips in the loop (which also measures the norm), not in DeepSpeed
     assert ds_config(_cfg(zero_stage=0), 1)["gradient_clipping"] == 0.0
     off = ds_config(_cfg(zero_stage=3, offload_optimizer="true", offload_params="true"), 1)
