@@ -38,10 +38,14 @@ def app(serve_port, tiny_ckpt):
     undeploy(APP)
 
 
-def _replica_pids(base: str, want: int, tries: int = 200) -> set[int]:
+def _replica_pids(base: str, want: int, timeout_s: float = 30.0) -> set[int]:
+    """Replica pids seen through the proxy until `want` are seen or `timeout_s` passes. By time, not by a
+    count of tries: Serve reports a new replica RUNNING a moment before the proxy (HAProxy reload) routes
+    to it, and 200 quick tries can all land on the old one."""
     pids: set[int] = set()
+    deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=10) as c:
-        for _ in range(tries):
+        while time.monotonic() < deadline:
             try:
                 r = c.get(base + "/stats")
             except httpx.HTTPError:
@@ -50,6 +54,7 @@ def _replica_pids(base: str, want: int, tries: int = 200) -> set[int]:
                 pids.add(r.json()["pid"])
             if len(pids) >= want:
                 break
+            time.sleep(0.02)
     return pids
 
 
@@ -70,7 +75,7 @@ def test_scale_up_survive_replica_kill_scale_down(app, record_property):
         def replaced():
             if running_replicas(APP) != 2:
                 return False
-            now = _replica_pids(app, 2, tries=20)
+            now = _replica_pids(app, 2, timeout_s=2.0)
             return len(now) == 2 and victim not in now
 
         wait_until(replaced, timeout=90, interval=0.5, what="Serve to replace the killed replica")
