@@ -162,6 +162,11 @@ def build_engine(cfg: TrainConfig, model, world_size: int):
         # gradient, all-reduce it over a group of one and copy it back after each backward (~4% of a
         # step of the nanoGPT CPU recipe, measured)
         engine.enable_backward_allreduce = False
+    if world_size > 1 and not cfg.use_gpu and cfg.shm_collectives:
+        from pipelines.train.shm_collectives import install
+
+        # CPU workers on one machine: gradients and parameters through /dev/shm, not gloo's TCP
+        engine.raygpt_collectives = "shm" if install() else "gloo"
     return engine, engine.optimizer
 
 

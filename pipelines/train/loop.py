@@ -211,7 +211,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         if ckpt is not None:
             log.event(start_step, "resumed", from_step=start_step)
         log.event(start_step, "worker_ready", **timeline, ready=time.time(), precision=cfg.precision,
-                  compile=cfg.compile)
+                  compile=cfg.compile, collectives=getattr(engine, "raygpt_collectives", None))
     peak = 0.0
     if rank == 0:
         dt = "fp32" if cfg.precision == "fp32" or (not cfg.use_gpu and cfg.precision != "bf16") else cfg.precision

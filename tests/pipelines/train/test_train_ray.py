@@ -94,7 +94,15 @@ def _check_matches_reference(losses: dict[int, float], reference: dict[int, floa
 
 
 def test_zero2_two_workers_match_one_process(ref_run, reference):
+    import platform
+
+    from pipelines.train.metrics import read_metrics
+
     _check_matches_reference(train_losses(ref_run[0]), reference, "ZeRO-2, 2 workers")
+    # the two CPU workers share this machine: DeepSpeed's collectives went through shared memory
+    ready = [r for r in read_metrics(ref_run[0], "event") if r["event"] == "worker_ready"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert ready and ready[0]["collectives"] == "shm", ready
 
 
 @pytest.mark.parametrize("stage, extra", [
