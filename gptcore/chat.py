@@ -18,11 +18,13 @@ Does not: tokenize, call a model, or know about HTTP (pipelines.serve maps ChatT
 
 from __future__ import annotations
 
+from gptcore.errors import GPTError
+
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(GPTError):
     """The messages cannot be rendered; the message names the offending field (e.g. messages[1].role)."""
 
 

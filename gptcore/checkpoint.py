@@ -32,6 +32,8 @@ unless `import_hf` is given an `hf://org/model` id that is not a local path.
 
 from __future__ import annotations
 
+from gptcore.errors import GPTError
+
 import hashlib
 import json
 import os
@@ -65,7 +67,7 @@ _HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 _HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu"}  # GPTConfig.activation -> GPT2Config.activation_function
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GPTError):
     """A checkpoint (or HF directory) is missing, corrupt, inconsistent or of an unknown format."""
 
 

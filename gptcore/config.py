@@ -8,13 +8,15 @@ Does not: know about training hyper-parameters (pipelines.train owns those) or d
 
 from __future__ import annotations
 
+from gptcore.errors import GPTError
+
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 
-class ConfigError(ValueError):
+class ConfigError(GPTError):
     """A configuration value breaks a constraint. The message names field, constraint, value, fix."""
 
 

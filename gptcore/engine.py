@@ -50,6 +50,8 @@ KV cache, or speculate. The engine snapshots the weights when built: rebuild it 
 
 from __future__ import annotations
 
+from gptcore.errors import GPTError
+
 import itertools
 import time
 from collections import deque
@@ -76,7 +78,7 @@ from gptcore.sampling import (
 __all__ = ["Engine", "PromptTooLongError", "RequestOutput", "CompletionOutput", "StepOutput"]
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(GPTError):
     """The prompt plus max_new_tokens does not fit the model's context (block_size)."""
 
 

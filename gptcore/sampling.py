@@ -14,6 +14,8 @@ Does not: run a model, hold a KV cache or decode text (gptcore.engine does).
 
 from __future__ import annotations
 
+from gptcore.errors import GPTError
+
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 
-class SamplingParamsError(ValueError):
+class SamplingParamsError(GPTError):
     """A decoding parameter breaks a constraint. The message names field, constraint, value and fix."""
 
 

@@ -37,6 +37,8 @@ Does not: normalise text (no NFC/lowercasing), add BOS/EOS by itself, pad, trunc
 
 from __future__ import annotations
 
+from gptcore.errors import GPTError
+
 import hashlib
 import json
 import operator
@@ -62,7 +64,7 @@ _CHAR_SPLIT_REGEX = r"[\s\S]"  # one piece per code point (`.` would miss newlin
 _MAX_VOCAB = 2**31 - 1  # ids are stored as int32 in token shards
 
 
-class TokenizerError(ValueError):
+class TokenizerError(GPTError):
     """Bad tokenizer input, file or argument. The message names what, the constraint, the value and the fix."""
 
 

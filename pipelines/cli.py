@@ -28,8 +28,7 @@ SUBCOMMAND_MODULES = [
 ]
 
 
-class UserError(Exception):
-    """An error caused by the user's input; printed without a traceback."""
+from pipelines.errors import USER_ERRORS, UserError  # noqa: E402,F401 - UserError re-exported for handlers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,11 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from pipelines.config import ConfigError
-
     try:
         rc = args.func(args)
-    except (UserError, ConfigError) as e:
+    except USER_ERRORS as e:
         print(f"raygpt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -69,8 +66,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m pipelines.cli` runs this file as __main__; call the importable module's main so
-    # handlers' `pipelines.cli.UserError` is the class caught above (else user errors show tracebacks)
-    from pipelines.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -23,8 +23,7 @@ import yaml
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """Raised for config problems; the CLI prints the message alone, without a traceback."""
+from pipelines.errors import ConfigError  # noqa: E402,F401 - re-exported: stages import it from here
 
 
 def _is_dataclass_type(tp: Any) -> bool:

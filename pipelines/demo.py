@@ -358,7 +358,7 @@ def _rouge_png(rouge: dict[str, Any], path: Path) -> None:
 # ---- run --------------------------------------------------------------------------------------
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
-    import ray
+    from pipelines.runtime import ensure_ray
 
     t0 = time.time()
     out = Path(cfg.out).resolve()
@@ -375,8 +375,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     _say("corpus", f"{info['corpus']['docs']} documents, {info['corpus']['summary_pairs_train']} summary pairs "
                    f"for SFT, {info['corpus']['summary_pairs_heldout']} held out")
     corpus = Path(info["corpus"]["dir"])
-    if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    ensure_ray("local")
     info["data_pretrain"], info["data_sft"] = _prep(cfg, corpus, out / "data")
     info["pretrain"] = _train(cfg, "pretrain", out / "data/pretrain", out / "train/pretrain", cfg.pretrain_steps, None)
     info["sft"] = _train(cfg, "sft", out / "data/sft", out / "train/sft", cfg.sft_steps,

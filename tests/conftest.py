@@ -30,15 +30,10 @@ def ray_session():
     """One real local Ray for the whole test session."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=8,
-            object_store_memory=1024 * 1024 * 1024,
-            include_dashboard=False,
-            log_to_driver=True,
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
-        )
+    from pipelines.runtime import ensure_ray
+
+    # the same start-up as every raygpt command (dashboard on loopback), never an outside cluster
+    ensure_ray("local", num_cpus=8, object_store_memory=1024 * 1024 * 1024, env_vars={"OMP_NUM_THREADS": "1"})
     yield ray
     # shut down in pytest_sessionfinish instead so module-level users (Serve) can clean up first
 

@@ -202,7 +202,9 @@ def main() -> int:
         say(f"training finished by itself in {time.time() - t0:.1f}s at step {res.steps}")
 
         # which Ray node each training worker process ran on: the GCS actor table (dead actors stay listed)
-        from ray._private import state as ray_state
+        from pipelines._ray_compat import global_state
+
+        ray_state = global_state()
 
         actors = [a for a in ray_state.actors().values() if a.get("ActorClassName") == "RayTrainWorker"]
         pid_node = {a["Pid"]: a["Address"]["NodeID"] for a in actors if a.get("Pid")}

@@ -11,6 +11,8 @@ decontaminate. Does not: run anything (pipelines.data.pipeline.run does).
 
 from __future__ import annotations
 
+from pipelines.errors import UserError
+
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ OWN_STEPS = ("exact_dedup", "fuzzy_dedup", "decontaminate")
 RUNTIME_FIELDS = ("output", "overwrite", "ray_address", "progress", "work_dir", "num_cpus")
 
 
-class PrepError(RuntimeError):
+class PrepError(UserError, RuntimeError):
     """A user-facing prep failure (no usable input, output exists with another config...)."""
 
 

@@ -10,6 +10,8 @@ Does not: read or write token rows (pipelines.data.write does).
 
 from __future__ import annotations
 
+from pipelines.errors import UserError
+
 import hashlib
 import json
 import os
@@ -22,7 +24,7 @@ FORMAT = "raygpt-tokens/1"
 MANIFEST = "manifest.json"
 
 
-class DatasetNotReadyError(RuntimeError):
+class DatasetNotReadyError(UserError, RuntimeError):
     """The directory is not a finished raygpt token dataset."""
 
 
@@ -31,13 +33,7 @@ def _fs_path(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, paths[0]
 
 
-def sha256_file(path: str | os.PathLike, fs: fsspec.AbstractFileSystem | None = None) -> str:
-    fs = fs or fsspec.filesystem("file")
-    h = hashlib.sha256()
-    with fs.open(str(path), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from pipelines.runtime import sha256_file  # noqa: E402,F401 - re-exported
 
 
 def manifest_id(manifest: dict[str, Any]) -> str:

@@ -354,36 +354,18 @@ def batch_to_table(batch: dict[str, Any], drop_cols: tuple[str, ...] = ()):
 # ----------------------------------------------------------------------------------------------- driver
 
 def _ensure_ray(cfg: PrepConfig) -> None:
-    import ray
+    from pipelines.runtime import ensure_ray
 
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"address": cfg.ray_address or None, "include_dashboard": False,
-                              "log_to_driver": True}
-    if not cfg.ray_address and cfg.num_cpus:
-        kwargs["num_cpus"] = cfg.num_cpus
-    if not cfg.ray_address:
-        kwargs["runtime_env"] = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    try:
-        ray.init(**kwargs)
-    except ConnectionError as e:
-        raise PrepError(f"ray_address={cfg.ray_address!r}: cannot connect ({e}); start the cluster or leave "
-                        f"ray_address empty for a local Ray") from None
+    ensure_ray(cfg.ray_address, num_cpus=cfg.num_cpus or None)
 
 
 def _code_version() -> str:
+    """The shared provenance string plus pyarrow's version (it decides the Parquet bytes)."""
     import pyarrow
 
-    from gptcore import __version__
+    from pipelines.runtime import code_version
 
-    sha = ""
-    try:
-        repo = Path(__file__).resolve().parents[2]
-        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()[:12]
-    except Exception:
-        pass
-    return f"raygpt {__version__}" + (f" git {sha}" if sha else "") + f" pyarrow {pyarrow.__version__}"
+    return f"{code_version()} pyarrow {pyarrow.__version__}"
 
 
 def _config_hash(content: dict[str, Any]) -> str:

@@ -497,15 +497,9 @@ def _shard_bytes(rows: list[dict[str, Any]], schema) -> bytes:
 
 def _ensure_ray(cfg: GenerateConfig) -> bool:
     """Connect to (or start) Ray; True if this call started it (and so must stop it)."""
-    import ray
+    from pipelines.runtime import ensure_ray
 
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"log_to_driver": True}
-    if cfg.ray_address:
-        kwargs["address"] = cfg.ray_address
-    ray.init(**kwargs)
-    return True
+    return ensure_ray(cfg.ray_address)
 
 
 def run(cfg: GenerateConfig) -> dict[str, Any]:

@@ -17,6 +17,8 @@ refreshing, but it is not killed); the generate stage's exactly-once commit make
 
 from __future__ import annotations
 
+from pipelines.errors import UserError
+
 import json
 import os
 import socket
@@ -30,7 +32,7 @@ from typing import Any
 LOCKED_EXIT_CODE = 75  # EX_TEMPFAIL: "another run holds the lock; try again later"
 
 
-class LockHeld(RuntimeError):
+class LockHeld(UserError, RuntimeError):
     """Another live run holds the lock."""
 
     def __init__(self, path: str, owner: dict[str, Any]):

@@ -13,6 +13,8 @@ Does not: talk to a Kubernetes API server (it prints YAML), or run anything itse
 
 from __future__ import annotations
 
+from pipelines.errors import UserError
+
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ _FIELDS = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day-of-month", 1, 31, {
 MARKER = "# raygpt-schedule:"
 
 
-class CronError(ValueError):
+class CronError(UserError, ValueError):
     """An invalid cron expression; the message names the field, the value and the allowed range."""
 
 

@@ -15,6 +15,8 @@ Does not: start clusters (cluster/head-up.sh does) or retry failed jobs (re-subm
 
 from __future__ import annotations
 
+from pipelines.errors import UserError
+
 import asyncio
 import os
 import re
@@ -37,7 +39,7 @@ EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class SubmitError(RuntimeError):
+class SubmitError(UserError, RuntimeError):
     """A submission problem the user can fix (bad address, missing token, unknown stage)."""
 
 

@@ -175,11 +175,9 @@ class _Choice:
 
 def _haproxy_enabled() -> bool:
     """Whether this Serve instance fronts replicas with HAProxy (read by Serve from its environment)."""
-    try:
-        from ray.serve._private import constants
-    except ImportError:  # pragma: no cover - a Ray without the module
-        return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
-    return bool(getattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", False))
+    from pipelines import _ray_compat
+
+    return _ray_compat.serve_haproxy_enabled()
 
 
 def _torch_threads() -> int:

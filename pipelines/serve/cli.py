@@ -66,6 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise UserError("--detach needs --address: a local Ray stops when this command exits")
 
     import ray
+
+    from pipelines.runtime import ensure_ray
     from ray import serve
 
     from pipelines.config import to_dict
@@ -77,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
     data["checkpoint"] = str(ckpt.resolve())
     if cfg.auth.api_keys_file:
         data["auth"]["api_keys_file"] = str(Path(cfg.auth.api_keys_file).resolve())
-    ray.init(address=args.address or "local", include_dashboard=False if not args.address else None)
+    ensure_ray(args.address or "local", param="--address")
     # cfg.ingress and the other process-wide Serve knobs: environment variables of the Serve
     # controller, which hands them on to the proxies/HAProxy and replicas it starts. Only applied
     # when this command starts Serve; a Serve already running on --address keeps its settings.

@@ -49,12 +49,7 @@ def ray_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / RAY_NAME
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from pipelines.runtime import sha256_file  # noqa: E402,F401 - re-exported
 
 
 def list_files(root: Path, checksums: bool) -> dict[str, dict[str, Any]]:
@@ -135,10 +130,10 @@ def verify_checkpoint_dir(path: str | os.PathLike, *, checksums: bool = True) ->
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
     """The checkpoint Ray Train will hand to the workers on resume (its snapshot's latest), verified."""
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    from pipelines import _ray_compat
 
     rd = ray_dir(run_dir)
-    snap = rd / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    snap = rd / _ray_compat.train_snapshot_filename()
     if not snap.is_file():
         raise CheckpointStateError(
             f"cannot resume {run_dir}: it holds no checkpoint ({snap} is missing; the run stopped before its "

@@ -16,6 +16,8 @@ loss-curve PNG and RUN_DIR/summary.json. Does not: prepare data (raygpt prep) or
 
 from __future__ import annotations
 
+from pipelines.errors import UserError
+
 import json
 import math
 import os
@@ -37,7 +39,7 @@ SUMMARY_FILE = "summary.json"
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """Training ran but failed (after the allowed automatic restarts)."""
 
 
@@ -194,13 +196,9 @@ def _warn_without_dashboard() -> None:
     is torn down (seen here: "Destroying worker since its placement group was removed")."""
     import warnings
 
-    try:
-        import ray
+    from pipelines import _ray_compat
 
-        url = ray._private.worker.global_worker.node.address_info.get("webui_url")
-    except Exception:  # noqa: BLE001 - best effort (e.g. a Ray Client connection)
-        return
-    if not url:
+    if not _ray_compat.dashboard_url():
         warnings.warn("this Ray cluster runs without the dashboard: Ray Train's placement-group cleaner may then "
                       "query another Ray instance on this machine and remove this run's workers; start Ray with "
                       "the dashboard (ray.init(include_dashboard=True)) when several Ray instances share a machine",
@@ -230,13 +228,13 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
     from pipelines.train.loop import train_loop_per_worker
     from pipelines.train.metrics import plot_loss_curve, read_metrics
 
-    from ray.train.v2._internal.constants import is_v2_enabled
+    from pipelines import _ray_compat
+    from pipelines.runtime import ensure_ray
 
-    if not is_v2_enabled():
+    if not _ray_compat.train_v2_enabled():
         raise ConfigError("raygpt train runs on Ray Train V2 (checkpoint commit, restart semantics); unset "
                           "RAY_TRAIN_V2_ENABLED or set it to 1")
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray(None)
     _check_resources(cfg)
     _warn_without_dashboard()
 

@@ -18,6 +18,8 @@ import pytest
 
 from serve_testlib import deploy_many, undeploy
 
+from pipelines import _ray_compat
+
 pytestmark = pytest.mark.slow
 
 KEY = "sk-raygpt-test-4f1c9d2b7e55a0c3"
@@ -175,7 +177,7 @@ def test_api_keys_guard_every_v1_route_but_not_health(api):
 def _ray_log_files() -> list[Path]:
     import ray
 
-    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    session = Path(_ray_compat.session_dir())
     return [p for p in (session / "logs").rglob("*") if p.is_file()]
 
 
@@ -305,7 +307,7 @@ def test_prometheus_metrics_through_ray(api):
     exporter (what Prometheus scrapes), tagged with the application."""
     import ray
 
-    port = ray._private.worker._global_node.metrics_export_port
+    port = _ray_compat.metrics_export_port()
     want = ["raygpt_requests_total", "raygpt_prompt_tokens_total", "raygpt_generation_tokens_total",
             "raygpt_time_to_first_token_seconds_bucket", "raygpt_time_per_output_token_seconds_bucket",
             "raygpt_request_latency_seconds_bucket", "raygpt_queue_length", "raygpt_running_requests",
