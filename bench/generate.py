@@ -12,7 +12,13 @@ so machine noise hits both alike. bf16: our engine casts (and packs) the weights
 ratio of medians, the ratio of median process CPU times (HF / ours: robust when other jobs share the
 CPU, exact with --threads 1), and whether the greedy tokens of the two are identical.
 
-Does not: assert anything, write files (unless --json), or time prefill separately from decode.
+Physical limit: the same run measures the machine's memory bandwidth (best of 5 copies of a 1 GiB
+tensor, bench/common.py) and reports, per row, the weight bytes our engine moves per second (tokens/s
+/ batch x parameter bytes: each decode step reads every weight once) divided by that bandwidth. At
+batch 1 decoding is bound by that read, so this is how close to the machine's limit we are.
+Load averages at start and end, CPU model and threads go to runs/bench/summary.json ("generate").
+
+Does not: assert anything, write files (unless --json; and the summary), or time prefill separately from decode.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from common import memory_bandwidth_gbs, print_conditions, record  # noqa: E402 - bench/ is not a package
 
 SHAPES = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=4096, block_size=256),
@@ -73,10 +81,14 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
+    start = print_conditions("generate", {"ours": torch.get_num_threads(), "hf": torch.get_num_threads()})
+    bw = memory_bandwidth_gbs()
+    print(f"memory bandwidth (torch copy_, 1 GiB, best of 5): {bw:.1f} GB/s", flush=True)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
           f"kernel {args.kernel}, prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, "
           f"median of {args.repeats} runs", flush=True)
-    header = f"| {'shape':5} | {'dtype':8} | {'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ratio':>6} | {'CPU ratio':>9} | identical |"
+    header = (f"| {'shape':5} | {'dtype':8} | {'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ratio':>6} | "
+              f"{'CPU ratio':>9} | identical | {'weights GB/s':>12} | {'of bw':>6} |")
     rows, lines = [], [header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
     for shape in args.shapes.split(","):
         model, hf_fp32 = build(shape)
@@ -131,13 +143,20 @@ def main() -> None:
                            hf_cpu_s=[round(t, 3) for t in c_hf], kernel=engine.kernel,
                            threads=torch.get_num_threads())
                 rows.append(row)
+                # each decode step reads every weight once, whatever the batch: bytes/s = steps/s x weight bytes
+                wbytes = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+                weights_gbs = ours_tps / B * wbytes / 1e9
+                row.update(weight_bytes=wbytes, weights_gb_s=round(weights_gbs, 2), bandwidth_gb_s=round(bw, 2),
+                           fraction_of_bandwidth=round(weights_gbs / bw, 3))
                 ident = "yes" if same else f"no ({agree:.0%})"
                 line = (f"| {shape:5} | {dtype_name:8} | {B:>5} | {ours_tps:>10,.0f} | {hf_tps:>9,.0f} | "
-                        f"{ours_tps / hf_tps:>5.2f}x | {cpu_ratio:>8.2f}x | {ident:9} |")
+                        f"{ours_tps / hf_tps:>5.2f}x | {cpu_ratio:>8.2f}x | {ident:9} | {weights_gbs:>12.1f} | "
+                        f"{weights_gbs / bw:>5.0%} |")
                 lines.append(line)
                 print(line, flush=True)
     print()
     print("\n".join(lines))
+    record("generate", {"bandwidth_gb_s": round(bw, 2), "rows": rows}, start)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -7,7 +7,10 @@
 Each script prints its table and the command that reproduces it; the figures in BENCHMARKS.md come
 from these scripts (medians of several runs, ratios against a peer in the same script). They run
 sequentially because two benchmarks sharing 2 cores would measure each other. Needs ../shared/data.
-Does not: edit BENCHMARKS.md (scripts that can, do so only with their own --write-md flag).
+Every benchmark runs between two load-average readings; runs/bench/summary.json gets one entry per
+benchmark (exit code, wall, load at start and end, CPU model, `valid_for_goal`: false when the 1-minute
+load average was above 3 at either end) plus whatever the script itself records there through
+bench/common.py. Does not: edit BENCHMARKS.md (scripts that can, do so only with their own --write-md flag).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import SUMMARY, print_conditions, record  # noqa: E402 - bench/ is not a package
 # name -> (script, arguments): the configurations BENCHMARKS.md reports
 BENCHES = {
     "tokenizer": ("tokenizer", []),
@@ -46,11 +51,14 @@ def main(argv: list[str]) -> int:
             args = ["a-sliced", "--rounds", "16", "--nanogpt", os.environ["NANOGPT_DIR"]]
         cmd = [sys.executable, str(HERE / f"{script}.py"), *args]
         print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
+        start = print_conditions(f"run_all {name}")
         t0 = time.time()
         rc = subprocess.call(cmd)
         print(f"=== {name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+        record(f"run_all/{name}", {"exit": rc, "wall_s": round(time.time() - t0, 1)}, start, " ".join(cmd))
         if rc != 0:
             failed.append(name)
+    print(f"summary: {SUMMARY}")
     if failed:
         print(f"failed: {failed}", file=sys.stderr)
         return 1
