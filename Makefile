@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test test-fast lint bench setup clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,8 +22,18 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/raygpt demo
 
+# everything, each test under pytest-timeout's per-test limit (pyproject: timeout)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# the edit loop: everything not marked slow (no Ray Train / Serve / prep end-to-end runs)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# ruff over the code, mypy (strict) over gptcore/; .ci/run calls this before the tests
+lint: $(STAMP)
+	$(BIN)/ruff check pipelines gptcore jobs tests bench
+	$(BIN)/python -m mypy gptcore
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
