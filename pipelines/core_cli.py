@@ -20,7 +20,10 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from pipelines import console
 from pipelines.cli import UserError
+
+log = console.get_logger()
 
 DTYPES = ("float32", "bfloat16", "float16")
 _FORMATTER = argparse.RawDescriptionHelpFormatter
@@ -42,8 +45,10 @@ def _add(sub, name: str, help: str, description: str, func) -> argparse.Argument
 
 def register(subparsers) -> None:
     # ---- tokenizer train ----
-    tok = subparsers.add_parser("tokenizer", help="train tokenizers",
-                                description="Tokenizer tools. See `raygpt tokenizer train --help`.")
+    tok = subparsers.add_parser("tokenizer", help="train tokenizers", formatter_class=_FORMATTER,
+                                description="Tokenizer tools.\n\n"
+                                "  raygpt tokenizer train --input 'data/*.txt' --vocab-size 4096 --out tokenizer.json\n\n"
+                                "See `raygpt tokenizer train --help` for the options.")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="<tokenizer command>")
     tok.set_defaults(func=lambda args: (tok.print_help(), 2)[1])
     t = _add(tok_sub, "train", "train a byte-level BPE or char-level tokenizer on text files",
@@ -185,26 +190,19 @@ def _tokenizer_train(args) -> int:
         if args.vocab_size is None:
             raise UserError("--vocab-size is required for --kind bpe (e.g. --vocab-size 4096)")
         special = tuple(args.special) if args.special is not None else ("<|endoftext|>",)
-        try:
-            tok = tk.train_bpe(_iter_texts(files), vocab_size=args.vocab_size, special_tokens=special,
-                               min_frequency=args.min_frequency)
-        except tk.TokenizerError as e:
-            raise UserError(str(e)) from e
+        tok = tk.train_bpe(_iter_texts(files), vocab_size=args.vocab_size, special_tokens=special,
+                           min_frequency=args.min_frequency)
     else:
         special = tuple(args.special or ())
-        try:
-            tok = tk.train_char(_iter_texts(files), special_tokens=special)
-        except tk.TokenizerError as e:
-            raise UserError(str(e)) from e
+        tok = tk.train_char(_iter_texts(files), special_tokens=special)
         if args.vocab_size is not None and args.vocab_size != tok.vocab_size:
-            print(f"note: char vocabulary has {tok.vocab_size} symbols (--vocab-size {args.vocab_size} ignored)",
-                  file=sys.stderr)
+            log.warning("char vocabulary has %d symbols (--vocab-size %d ignored)", tok.vocab_size, args.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tok.save(tmp)
     os.replace(tmp, out)
-    print(f"wrote {out}: kind={tok.kind} vocab_size={tok.vocab_size} id={tok.id[:16]} "
-          f"from {len(files)} file(s)")
+    log.info("wrote %s: kind=%s vocab_size=%d id=%s from %d file(s)", out, tok.kind, tok.vocab_size, tok.id[:16],
+             len(files))
     return 0
 
 
@@ -213,7 +211,7 @@ def _init(args) -> int:
         raise UserError(f"{args.ckpt} already exists; choose a new path or pass --overwrite to replace it")
     import torch
 
-    from gptcore.checkpoint import CheckpointError, save_checkpoint
+    from gptcore.checkpoint import save_checkpoint
     from gptcore.config import ConfigError as ModelConfigError
     from gptcore.config import preset
     from gptcore.model import GPT
@@ -235,12 +233,10 @@ def _init(args) -> int:
         raise UserError(str(e).replace("\n", " ")) from e
     torch.manual_seed(args.seed)
     model = GPT(cfg)
-    try:
-        path = save_checkpoint(args.ckpt, model, tok, {"step": 0, "tokens_seen": 0, "init": {
-            "preset": args.preset, "seed": args.seed, "overrides": overrides}}, overwrite=args.overwrite)
-    except CheckpointError as e:
-        raise UserError(str(e)) from e
-    print(f"wrote {path}: preset={args.preset} params={model.num_params():,} vocab_size={cfg.vocab_size}")
+    path = save_checkpoint(args.ckpt, model, tok, {"step": 0, "tokens_seen": 0, "init": {
+        "preset": args.preset, "seed": args.seed, "overrides": overrides}}, overwrite=args.overwrite)
+    log.info("wrote %s: preset=%s params=%s vocab_size=%d", path, args.preset, f"{model.num_params():,}",
+             cfg.vocab_size)
     return 0
 
 
@@ -259,30 +255,24 @@ def _parse_overrides(items: list[str]) -> dict:
 def _sample(args) -> int:
     if not Path(args.ckpt).exists():
         raise UserError(f"checkpoint {args.ckpt} does not exist; create one with `raygpt init` or `raygpt train`")
-    from gptcore.sampling import SamplingParams, SamplingParamsError
+    from gptcore.sampling import SamplingParams
 
     prompts = args.prompt if args.prompt else [""]
     prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
-    try:
-        params = SamplingParams(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-            no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
-            length_penalty=args.length_penalty,
-            early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping),
-            stop=tuple(args.stop),
-            stop_token_ids=tuple(args.stop_token_id), n=args.n, seed=args.seed, logprobs=args.logprobs,
-            truncate=args.truncate, ignore_eos=args.ignore_eos)
-    except SamplingParamsError as e:
-        raise UserError(str(e)) from e
-    from gptcore.checkpoint import CheckpointError
+    # gptcore's errors (SamplingParamsError, CheckpointError, ...) are USER_ERRORS: pipelines/cli.py prints them
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping),
+        stop=tuple(args.stop),
+        stop_token_ids=tuple(args.stop_token_id), n=args.n, seed=args.seed, logprobs=args.logprobs,
+        truncate=args.truncate, ignore_eos=args.ignore_eos)
     from gptcore.engine import Engine, PromptTooLongError
 
-    try:
-        kw = {"dtype": _torch_dtype(args.dtype)} if args.dtype else {}
-        engine = Engine.from_checkpoint(args.ckpt, device=args.device, **kw)
-    except CheckpointError as e:
-        raise UserError(str(e)) from e
+    kw = {"dtype": _torch_dtype(args.dtype)} if args.dtype else {}
+    engine = Engine.from_checkpoint(args.ckpt, device=args.device, **kw)
     try:
         results = engine.generate(prompts, params)
     except PromptTooLongError as e:
@@ -303,23 +293,17 @@ def _sample(args) -> int:
 
 
 def _export(args) -> int:
-    from gptcore.checkpoint import CheckpointError, export_hf
+    from gptcore.checkpoint import export_hf
 
-    try:
-        out = export_hf(args.ckpt, args.out, overwrite=args.overwrite, dtype=_torch_dtype(args.dtype))
-    except CheckpointError as e:
-        raise UserError(str(e)) from e
-    print(f"wrote {out} (Hugging Face GPT-2: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
+    out = export_hf(args.ckpt, args.out, overwrite=args.overwrite, dtype=_torch_dtype(args.dtype))
+    log.info("wrote %s (Hugging Face GPT-2: GPT2LMHeadModel.from_pretrained(%r))", out, str(out))
     return 0
 
 
 def _import(args) -> int:
-    from gptcore.checkpoint import CheckpointError, import_hf
+    from gptcore.checkpoint import import_hf
 
-    try:
-        out = import_hf(args.src, args.ckpt, tokenizer=args.tokenizer, overwrite=args.overwrite,
-                        dtype=_torch_dtype(args.dtype))
-    except CheckpointError as e:
-        raise UserError(str(e)) from e
-    print(f"wrote {out} (raygpt checkpoint imported from {args.src})")
+    out = import_hf(args.src, args.ckpt, tokenizer=args.tokenizer, overwrite=args.overwrite,
+                    dtype=_torch_dtype(args.dtype))
+    log.info("wrote %s (raygpt checkpoint imported from %s)", out, args.src)
     return 0

@@ -52,11 +52,20 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, env_v
     if ray.is_initialized():
         return False
     address = (address or os.environ.get("RAY_ADDRESS") or "local").strip()
+    from pipelines.console import library_level_name
+
+    # the workers' root logger (Ray Train and Data log INFO chatter through it) at the libraries' level;
+    # our own "raygpt" logger keeps its level and handler (pipelines/console.py)
     kwargs: dict[str, Any] = {"address": address, "log_to_driver": log_to_driver,
-                              "logging_level": logging.WARNING}
+                              "logging_level": logging.WARNING,
+                              "logging_config": ray.LoggingConfig(encoding="TEXT", log_level=library_level_name())}
     if address == "local":
-        kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1",
-                      runtime_env={"env_vars": {**DEFAULT_WORKER_ENV, **(env_vars or {})}})
+        # workers' State API calls (Ray Train's placement-group cleaner) go to THIS dashboard, not to
+        # whichever Ray instance on the machine auto-detection finds first
+        port = _free_port()
+        api = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                      runtime_env={"env_vars": {**DEFAULT_WORKER_ENV, **api, **(env_vars or {})}})
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
         if object_store_memory:
@@ -71,6 +80,14 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, env_v
     if url:
         log.info("Ray dashboard: %s", url)
     return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def dashboard_url() -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -143,3 +144,92 @@ def test_core_flow_end_to_end(tmp_path, shared_data):
     again = load_checkpoint(back)
     with torch.no_grad():
         assert torch.equal(again.model(x)[0], ours.model(x)[0])
+
+
+# ---- help texts for users, console options on every command, console behaviour ----------------------
+
+SOURCE_PATH = re.compile(r"\b(?:pipelines|gptcore|tests|bench)/[\w/]*\.py\b|\b[\w/]+/[\w]+\.py\b")
+
+
+def _all_parsers():
+    from pipelines.cli import build_parser
+
+    parser = build_parser()
+    out = [((), parser)]
+
+    def walk(p, prefix):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    out.append((prefix + (name,), sub))
+                    walk(sub, prefix + (name,))
+
+    walk(parser, ())
+    return out
+
+
+def test_help_texts_are_for_users():
+    for path, p in _all_parsers():
+        text = p.format_help()
+        cmd = " ".join(("raygpt",) + path)
+        assert "Does not:" not in text, f"`{cmd} --help` carries a developer note: {text[:400]}"
+        assert "argument parsing only" not in text, f"`{cmd} --help` talks to developers"
+        assert not SOURCE_PATH.search(text), f"`{cmd} --help` names a source file: {SOURCE_PATH.search(text)[0]}"
+        assert p.description, f"`{cmd} --help` has no description of what the command does"
+
+
+def test_every_command_takes_quiet_and_log_level():
+    for path, p in _all_parsers():
+        opts = {s for a in p._actions for s in a.option_strings}
+        assert {"-q", "--quiet", "--log-level"} <= opts, f"raygpt {' '.join(path)} lacks the console options"
+    from pipelines.cli import build_parser
+
+    a = build_parser().parse_args(["prep", "--config", "x.yaml", "-q"])
+    b = build_parser().parse_args(["--log-level", "debug", "train", "--config", "x.yaml"])
+    assert a.quiet and not hasattr(a, "log_level") and b.log_level == "DEBUG"
+
+
+def test_status_lines_off_a_terminal_are_periodic(monkeypatch):
+    import io
+    import logging
+
+    from pipelines import console
+
+    buf = io.StringIO()  # not a TTY: status mode
+    console.setup("INFO", stream=buf)
+    try:
+        assert os.environ[console.ENV_PROGRESS] == "status"
+        with console.progress(600, "train", unit="step", interval=3600) as bar:
+            for _ in range(600):
+                bar.update(1)  # 600 updates inside one interval: no line at all
+        assert buf.getvalue() == ""
+        with console.progress(600, "train", unit="step", interval=0) as bar:
+            bar.set_postfix_str("loss 3.21")
+            bar.update(120)
+        lines = buf.getvalue().splitlines()
+        assert re.match(r"\[raygpt \d\d:\d\d:\d\d\] train: step 120/600 \(20%\), .*loss 3\.21$", lines[0]), lines
+        assert len(lines) == 2 and "elapsed" in lines[1], lines  # one update, one final line
+        # -q: no progress and no INFO lines; warnings still show
+        buf.truncate(0), buf.seek(0)
+        console.setup(None, quiet=True, stream=buf)
+        with console.progress(10, "x", interval=0) as bar:
+            bar.update(5)
+        console.get_logger("demo").info("hidden")
+        console.get_logger("demo").warning("shown")
+        assert buf.getvalue().splitlines() == [buf.getvalue().splitlines()[0]]
+        assert "WARNING: shown" in buf.getvalue() and "[demo " in buf.getvalue()
+        assert logging.getLogger("ray").level == logging.WARNING
+    finally:
+        console.setup("INFO")
+
+
+def test_quiet_and_log_level_on_a_real_command(tmp_path):
+    tok = tmp_path / "t.json"
+    src = tmp_path / "a.txt"
+    src.write_text("hello world\n" * 50)
+    r = raygpt("tokenizer", "train", "--input", src, "--kind", "char", "--out", tok)
+    assert r.returncode == 0 and re.search(r"\[raygpt \d\d:\d\d:\d\d\] wrote ", r.stderr), r.stderr
+    r = raygpt("tokenizer", "train", "--input", src, "--kind", "char", "--out", tok, "--overwrite", "-q")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == "", (r.stdout, r.stderr)
+    r = raygpt("--log-level", "nope", "tokenizer", "train", "--input", src, "--out", tok)
+    assert r.returncode == 2 and "--log-level" in r.stderr

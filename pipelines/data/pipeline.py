@@ -22,7 +22,6 @@ import datetime as _dt
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipelines import console
 from pipelines.data import manifest as mf
 from pipelines.data.config import PrepConfig, PrepError, content_config
 from pipelines.data.read import ReadTask, plan_reads, read_task
@@ -444,7 +444,7 @@ def _run_udf(items: list[dict[str, Any]], runner: SegmentRunner, label: str):
 
 
 def _say(msg: str) -> None:
-    print(f"[raygpt prep] {msg}", file=sys.stderr, flush=True)
+    console.get_logger("prep").info("%s", msg)
 
 
 def run(cfg: PrepConfig) -> dict[str, Any]:

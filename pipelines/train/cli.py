@@ -18,12 +18,18 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a GPT (Ray Train + DeepSpeed ZeRO), or resume a stopped run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a GPT on a `raygpt prep` dataset with Ray Train + DeepSpeed ZeRO.\n\n"
+        description="Train a GPT on a `raygpt prep` dataset with Ray Train + DeepSpeed ZeRO (CPU or GPU).\n\n"
                     "  raygpt train --config jobs/configs/train-shakespeare-char.yaml\n"
                     "  raygpt train --config jobs/configs/train-debug.yaml num_workers=2 zero_stage=2\n"
                     "  raygpt train --resume runs/train/shakespeare-char max_steps=4000\n\n"
-                    "Keys: see pipelines/train/config.py (TrainConfig); nested keys use dots "
-                    "(optim.lr=1e-3, batch.micro_batch_size=8, log.tensorboard=false).")
+                    "Reads a `raygpt prep` dataset (`data`), writes a run dir (`run_dir`) with resumable\n"
+                    "checkpoints of every rank, last/ and best/ inference checkpoints (for `raygpt sample`,\n"
+                    "`generate`, `serve`), metrics.jsonl, TensorBoard events and loss_curve.png; prints a JSON\n"
+                    "summary on stdout. A run_dir that already holds a run is refused; --resume continues it.\n\n"
+                    "Key options (YAML or key=value; nested keys use dots): data, run_dir, model.preset,\n"
+                    "max_steps, num_workers, zero_stage, precision, optim.lr, batch.micro_batch_size,\n"
+                    "eval_interval, ckpt_interval, init=raygpt init_path=CKPT (fine-tune from a checkpoint).\n"
+                    "Examples: jobs/configs/train-*.yaml.")
     p.add_argument("--config", default=None, help="YAML config (TrainConfig); optional with --resume")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its latest checkpoint (loud error if it has none)")

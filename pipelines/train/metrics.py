@@ -63,14 +63,10 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter  # tensorboard is a dependency
             self.tb = SummaryWriter(log_dir=str(self.dir / "tb"), purge_step=start_step + 1 if resumed else None)
         self.bar = None
-        if progress:
-            try:
-                from ray.experimental.tqdm_ray import tqdm
+        if progress:  # a bar on the driver's terminal, else a status line every few seconds (pipelines/console.py)
+            from pipelines.console import progress as console_progress
 
-                self.bar = tqdm(total=max_steps, desc="train", unit="step")
-                self.bar.update(start_step)
-            except Exception:  # noqa: BLE001 - a progress bar is never worth failing a run
-                self.bar = None
+            self.bar = console_progress(max_steps, "train", unit="step", initial=start_step)
         self.console = console
         self._last_bar_step = start_step
 
@@ -83,7 +79,7 @@ class MetricsLogger:
         if self.tb is not None:
             self._scalars("train", step, now, m)
         if self.bar is not None:
-            self.bar.set_description(f"train loss {m.get('loss', float('nan')):.4f}")
+            self.bar.set_postfix_str(f"loss {m.get('loss', float('nan')):.4f}")
             self.bar.update(step - self._last_bar_step)
             self._last_bar_step = step
         if self.console:

@@ -221,14 +221,14 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
     run_dir.mkdir(parents=True, exist_ok=True)
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.train.deepspeed import ds_config
     from pipelines.train.loop import train_loop_per_worker
     from pipelines.train.metrics import plot_loss_curve, read_metrics
 
-    from pipelines import _ray_compat
+    from pipelines import _ray_compat, console
     from pipelines.runtime import ensure_ray
 
     if not _ray_compat.train_v2_enabled():
@@ -258,7 +258,8 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
         run_config=RunConfig(
             name=st.RAY_NAME, storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last_k)),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last_k),
+            logging_config=LoggingConfig(log_level=console.library_level_name())),
     )
     added = {k: v for k, v in RAY_TRAIN_ENV.items() if k not in os.environ}
     os.environ.update(added)
