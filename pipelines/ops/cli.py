@@ -189,6 +189,7 @@ def _k8s_options(k: argparse.ArgumentParser) -> None:
     k.add_argument("--worker-gpus", type=int, default=0, help="GPUs per worker pod (default 0)")
     k.add_argument("--auth-secret", default="raygpt-ray-token",
                    help="Secret with key auth_token for Ray token auth (\"\": auth off)")
+    k.add_argument("--kubectl-image", default=None, help="image with kubectl and /bin/sh (default: --image)")
     k.add_argument("--output", "-o", default=None, help="write here instead of stdout")
 
 
@@ -307,7 +308,8 @@ def _schedule_k8s(args: argparse.Namespace) -> int:
     docs = k8s_manifests(at=args.at, image=args.image, name=args.name, namespace=args.namespace, kind=args.kind,
                          config=args.config, extra=extra, time_zone=args.time_zone,
                          worker_replicas=args.worker_replicas, worker_cpu=args.worker_cpus,
-                         worker_gpu=args.worker_gpus, auth_secret=args.auth_secret or None)
+                         worker_gpu=args.worker_gpus, auth_secret=args.auth_secret or None,
+                         kubectl_image=args.kubectl_image)
     text = to_yaml(docs)
     if args.output:
         with open(args.output, "w") as f:

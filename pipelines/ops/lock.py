@@ -10,7 +10,14 @@ A lock is stale when its owner is a dead pid on this host, or its heartbeat is o
 on another host, or hung). Takeover: under a short second lock (`<lock>.takeover`, O_EXCL) a contender
 re-reads the lock, deletes it only if it is still stale, then competes for the O_EXCL create like
 everyone else, so exactly one contender ends up owning it.
-Object-store URLs (s3://...) get a best-effort variant (write, then read back our token).
+Object-store URLs (s3://...) are created with an exclusive create, `fs.open(path, "xb")` (s3fs: a PUT with
+If-None-Match: *, refused with FileExistsError when the object exists), which is atomic on S3; the token is read
+back as well, in case a backend ignores the "x". Their stale takeover and heartbeat stay best effort (no
+conditional delete/overwrite through fsspec). storage_options reach fsspec (e.g. an endpoint_url).
+Why not filelock.SoftFileLease: its marker format and expiry (a contender must itself watch the marker go
+unrefreshed for lease_duration on its monotonic clock; identity by inode) differ from this lock's JSON owner
+record and heartbeat age, which jobs/nightly_generate.py, its operators and tests/pipelines/ops/test_ops_lock.py
+rely on; and it covers local/NFS paths only.
 Does not: fence a stale owner that comes back to life (its heartbeat notices the takeover and stops
 refreshing, but it is not killed); the generate stage's exactly-once commit makes that harmless.
 """
@@ -88,7 +95,8 @@ def inspect_lock(owner: dict[str, Any], now: float | None = None, host: str | No
 class RunLock:
     """Context manager: acquire (or raise LockHeld), heartbeat while held, release on exit."""
 
-    def __init__(self, path: str, ttl_s: float = 6 * 3600, note: str = "", heartbeat_s: float | None = None):
+    def __init__(self, path: str, ttl_s: float = 6 * 3600, note: str = "", heartbeat_s: float | None = None,
+                 storage_options: dict[str, Any] | None = None):
         self.path = str(path)
         self.ttl_s = float(ttl_s)
         self.note = note
@@ -103,7 +111,7 @@ class RunLock:
         if "://" in self.path and not self.path.startswith("file://"):
             import fsspec
 
-            self._fs, self._fpath = fsspec.core.url_to_fs(self.path)
+            self._fs, self._fpath = fsspec.core.url_to_fs(self.path, **(storage_options or {}))
         elif self.path.startswith("file://"):
             self.path = self.path[len("file://"):]
 
@@ -141,14 +149,17 @@ class RunLock:
         return self._parse(self._read_raw())
 
     def _create_exclusive(self) -> bool:
-        if self._fs is not None:  # object stores: no O_EXCL; write then read back our token
-            if self._fs.exists(self._fpath):
+        if self._fs is not None:  # object stores: the exclusive create is the atomic primitive
+            try:
+                with self._fs.open(self._fpath, "xb") as f:
+                    f.write(self._content())
+            except FileExistsError:
                 return False
-            with self._fs.open(self._fpath, "wb") as f:
-                f.write(self._content())
-            time.sleep(0.2)
-            d = self._read() or {}
-            return d.get("token") == self.token
+            except (ValueError, NotImplementedError) as e:  # a backend without exclusive create
+                raise UserError(f"lock path {self.path}: its filesystem ({type(self._fs).__name__}) cannot create a file "
+                                f"exclusively (open mode 'xb': {e}); put the output root (and so its _locks/) on a "
+                                f"local/NFS path or on S3") from None
+            return (self._read() or {}).get("token") == self.token
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

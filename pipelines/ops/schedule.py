@@ -183,18 +183,11 @@ def install_crontab(line: str, name: str = "nightly", crontab: str = "crontab") 
 
 def _ray_cluster_spec(image: str, ray_version: str, head_cpu: str, worker_replicas: int, worker_cpu: str,
                       worker_gpu: int, auth_secret: str | None) -> dict[str, Any]:
-    env = []
-    if auth_secret:  # token auth on every Ray container (KubeRay < 1.5.1 style; newer can use authOptions)
-        env = [{"name": "RAY_AUTH_MODE", "value": "token"},
-               {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": auth_secret, "key": "auth_token"}}}]
-
     def container(name: str, cpu: str, gpu: int) -> dict[str, Any]:
         limits: dict[str, Any] = {"cpu": cpu, "memory": "8Gi"}
         if gpu:
             limits["nvidia.com/gpu"] = gpu
         c: dict[str, Any] = {"name": name, "image": image, "resources": {"limits": limits, "requests": dict(limits)}}
-        if env:
-            c["env"] = env
         return c
 
     spec: dict[str, Any] = {
@@ -209,6 +202,11 @@ def _ray_cluster_spec(image: str, ray_version: str, head_cpu: str, worker_replic
             "template": {"spec": {"containers": [container("ray-worker", worker_cpu, worker_gpu)]}},
         }],
     }
+    if auth_secret:
+        # Ray token auth through KubeRay (>= 1.6.0 for secretName): the operator puts RAY_AUTH_MODE and
+        # RAY_AUTH_TOKEN (from the Secret's key `auth_token`) into every Ray container, the autoscaler and the
+        # RayJob submitter, and uses the token for its own dashboard calls. Env vars alone reach only the pods.
+        spec["authOptions"] = {"mode": "token", "secretName": auth_secret}
     return spec
 
 
@@ -229,11 +227,14 @@ def rayjob_spec(*, image: str, entrypoint: str, ray_version: str = "2.60.0", hea
 
 def k8s_manifests(*, at: str, image: str, name: str = "raygpt-nightly", namespace: str = "default",
                   kind: str = "cronjob", config: str = "jobs/configs/nightly.yaml", extra: list[str] | None = None,
-                  kubectl_image: str = "bitnami/kubectl:1.31", time_zone: str | None = "Etc/UTC",
+                  kubectl_image: str | None = None, time_zone: str | None = "Etc/UTC",
                   **spec_kw: Any) -> list[dict[str, Any]]:
     """Manifests for `kubectl apply -f`: kind="cronjob" -> ServiceAccount, Role, RoleBinding, ConfigMap and a
     batch/v1 CronJob whose pod creates one RayJob per night (named after the date: idempotent) and waits for
-    it; kind="raycronjob" -> one ray.io/v1 RayCronJob (KubeRay's own cron, alpha at the time of writing)."""
+    it; kind="raycronjob" -> one ray.io/v1 RayCronJob (KubeRay's own cron: alpha, KubeRay >= 1.6.0 with the
+    operator's feature gate RayCronJob=true; `timeZone` needs KubeRay >= 1.7.0, pass time_zone=None for 1.6).
+    The CronJob's pod runs kubectl from `kubectl_image`, by default the raygpt image (cluster/Dockerfile
+    installs a pinned kubectl)."""
     CronExpr.parse(at)
     if kind not in ("cronjob", "raycronjob"):
         raise ValueError(f"kind must be cronjob or raycronjob, got {kind!r}")
@@ -243,9 +244,10 @@ def k8s_manifests(*, at: str, image: str, name: str = "raygpt-nightly", namespac
         return [{
             "apiVersion": "ray.io/v1", "kind": "RayCronJob",
             "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "raygpt"}},
-            # alpha in KubeRay >= 1.6: the operator needs --feature-gates=RayCronJob=true
+            # RayCronJobSpec has only jobTemplate, schedule, suspend and timeZone: no concurrency policy or
+            # history limits. Two nights never overlap on one date because jobs/nightly_generate.py holds the
+            # run lock (pipelines/ops/lock.py) in the output root.
             "spec": {"schedule": at, **({"timeZone": time_zone} if time_zone else {}),
-                     "concurrencyPolicy": "Forbid", "successfulJobsHistoryLimit": 3, "failedJobsHistoryLimit": 3,
                      "jobTemplate": rayjob_spec(image=image, entrypoint=entry, **spec_kw)},
         }]
 
@@ -284,7 +286,8 @@ def k8s_manifests(*, at: str, image: str, name: str = "raygpt-nightly", namespac
         "failedJobsHistoryLimit": 3,
         "jobTemplate": {"spec": {"backoffLimit": 1, "template": {"spec": {
             "serviceAccountName": name, "restartPolicy": "Never",
-            "containers": [{"name": "create-rayjob", "image": kubectl_image, "command": ["/bin/sh", "-c", script],
+            "containers": [{"name": "create-rayjob", "image": kubectl_image or image,
+                            "command": ["/bin/sh", "-c", script],
                             "volumeMounts": [{"name": "template", "mountPath": "/template"}]}],
             "volumes": [{"name": "template", "configMap": {"name": f"{name}-rayjob"}}],
         }}}},

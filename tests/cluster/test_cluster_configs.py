@@ -104,12 +104,11 @@ def test_kuberay_cluster_spec(path, spec):
     for g in spec.get("workerGroupSpecs", []):
         assert g.get("minReplicas", 0) <= g.get("replicas", 0) <= g.get("maxReplicas", 0), f"{path}: {g['groupName']}"
         containers.append(g["template"]["spec"]["containers"])
-    for cs in containers:
-        for c in cs:
-            env = {e["name"]: e for e in c.get("env", [])}
-            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{path}: {c['name']} lacks token auth"
-            assert "RAY_AUTH_TOKEN" in env and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"], \
-                f"{path}: the token must come from a Secret"
+    # token auth through KubeRay's authOptions (issue 14): the operator injects RAY_AUTH_MODE/RAY_AUTH_TOKEN from
+    # the Secret into every Ray container, the autoscaler and the RayJob submitter
+    auth = spec.get("authOptions") or {}
+    assert auth.get("mode") == "token", f"{path}: token auth must be on (spec.authOptions.mode: token)"
+    assert auth.get("secretName"), f"{path}: the token must come from a Secret (authOptions.secretName)"
 
 
 def _check_entrypoint(path: Path, entrypoint: str):

@@ -120,13 +120,16 @@ def test_k8s_cronjob_creates_a_rayjob_per_night():
     assert rcs["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "registry/raygpt:1"
     worker = rcs["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert {"name": "RAY_AUTH_MODE", "value": "token"} in worker["env"]
+    # token auth through KubeRay's authOptions, not pod env (issue 14): the operator and the submitter read it there
+    assert rcs["authOptions"] == {"mode": "token", "secretName": "ray-token"} and "env" not in worker
+    assert pod["containers"][0]["image"] == "registry/raygpt:1"  # kubectl comes from the raygpt image
 
 
 def test_k8s_raycronjob_alternative_and_cli_yaml():
     (doc,) = k8s_manifests(at="@daily", image="img", kind="raycronjob")
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCronJob"
-    assert doc["spec"]["schedule"] == "@daily" and doc["spec"]["concurrencyPolicy"] == "Forbid"
+    # RayCronJobSpec is jobTemplate, schedule, suspend, timeZone only (issue 14): the run lock guards overlap
+    assert doc["spec"]["schedule"] == "@daily" and set(doc["spec"]) == {"schedule", "timeZone", "jobTemplate"}
     jt = doc["spec"]["jobTemplate"]
     assert jt["entrypoint"].startswith("python -m jobs.nightly_generate --date yesterday")
     assert "headGroupSpec" in jt["rayClusterSpec"] and jt["rayClusterSpec"]["workerGroupSpecs"]
