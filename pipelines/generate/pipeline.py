@@ -35,10 +35,24 @@ from gptcore.checkpoint import checkpoint_id, read_config
 from pipelines import runtime
 from pipelines.generate.commit import Committer, RunLog, write_manifest
 from pipelines.generate.config import GenerateConfig
-from pipelines.generate.io import DATA_DIR, MANIFEST, list_input_files, load_output, local_checkpoint, peek_schema, \
-    url_to_fs
-from pipelines.generate.plan import OutputMismatchError, Plan, claim_output, make_plan, now, resolve_inputs, \
-    skip_committed
+from pipelines.generate.io import (
+    DATA_DIR,
+    MANIFEST,
+    list_input_files,
+    load_output,
+    local_checkpoint,
+    peek_schema,
+    url_to_fs,
+)
+from pipelines.generate.plan import (
+    OutputMismatchError,
+    Plan,
+    claim_output,
+    make_plan,
+    now,
+    resolve_inputs,
+    skip_committed,
+)
 from pipelines.generate.prepare import derive_seed, prepare_batch, row_hash, tokenizer
 from pipelines.generate.runner import ModelInfo, generation_stream, prepare_input
 from pipelines.runtime import ensure_ray, join, sha256_json

@@ -24,8 +24,15 @@ import pyarrow as pa
 
 from pipelines.errors import ConfigError
 from pipelines.generate.config import GenerateConfig, sampling_fields
-from pipelines.generate.io import CONFIG_FILE, DATA_DIR, MANIFEST, SUPERSEDED_DIR, existing_shards, output_schema, \
-    read_json
+from pipelines.generate.io import (
+    CONFIG_FILE,
+    DATA_DIR,
+    MANIFEST,
+    SUPERSEDED_DIR,
+    existing_shards,
+    output_schema,
+    read_json,
+)
 from pipelines.generate.templates import resolve_template
 from pipelines.runtime import atomic_write_json, join
 
