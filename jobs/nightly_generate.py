@@ -23,9 +23,12 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import fsspec
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.config import ConfigError  # noqa: E402
+from pipelines.config import ConfigError, load_config  # noqa: E402
+from pipelines.generate import GenerateConfig, run  # noqa: E402
 from pipelines.ops.lock import LOCKED_EXIT_CODE, LockHeld, RunLock  # noqa: E402
 
 
@@ -72,17 +75,12 @@ def partition_paths(cfg: NightlyConfig, day: str) -> tuple[str, str, str]:
 
 
 def _exists(uri: str) -> bool:
-    import fsspec
-
     fs, path = fsspec.core.url_to_fs(uri)
     return fs.exists(path)
 
 
 def run_nightly(cfg: NightlyConfig, day: str) -> dict[str, Any]:
     """Generate one date partition under the overlap guard; raises LockHeld if another run has it."""
-    from pipelines.config import load_config
-    from pipelines.generate import GenerateConfig, run
-
     inp, out, lock_path = partition_paths(cfg, day)
     if _exists(f"{out}/manifest.json"):
         return {"date": day, "status": "already-complete", "output": out}
@@ -106,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="NightlyConfig YAML (e.g. jobs/configs/nightly.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. generate.concurrency=2")
     args = p.parse_args(argv)
-    from pipelines.config import load_config
-
     try:
         cfg = load_config(NightlyConfig, args.config, args.overrides)
         day = resolve_date(args.date)

@@ -4,21 +4,38 @@
     cfg = load_config(GenerateConfig, "jobs/configs/generate-summarize.yaml",
                       ["checkpoint=runs/ckpt", "input=data.jsonl", "output=out/", "sampling.max_new_tokens=64"])
 
+`testing:` (GenerateTesting) holds test hooks; it is not for users and does not change what is generated.
 Does not: read data or load models (pipelines.generate.pipeline.run does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipelines.config import ConfigError
+from pipelines.config import to_dict
+from pipelines.errors import ConfigError
+from pipelines.generate.templates import TASKS, TemplateError, fields
 
-TASKS = ("summarize", "article", "complete")
 # keys that do not change what is generated: a resume may change them freely
 RUNTIME_KEYS = ("batch_size", "concurrency", "num_cpus", "num_gpus", "device", "torch_threads",
-                "max_restarts", "max_task_retries", "ray_address", "pid_dir", "debug_delay_s", "overwrite",
+                "max_restarts", "max_task_retries", "ray_address", "testing", "overwrite",
                 "progress", "input", "output", "limit", "driver_max_bytes")
+
+
+@dataclass
+class GenerateTesting:
+    """Test hooks of batch generation: NOT FOR USERS (kill/resume tests and demos only; no stability promise).
+
+        raygpt generate ... testing.pid_dir=/tmp/pids testing.debug_delay_s=0.5
+    """
+    pid_dir: str | None = None  # each actor writes `actor-<pid>.pid` (pid, batches done) here
+    debug_delay_s: float = 0.0  # each actor sleeps this long after each batch
+
+    def __post_init__(self) -> None:
+        if not self.debug_delay_s >= 0:
+            raise ConfigError(f"testing.debug_delay_s must be >= 0, got {self.debug_delay_s!r}; use 0 for no delay")
 
 
 @dataclass
@@ -53,9 +70,8 @@ class GenerateConfig:
     limit: int = 0  # only the first N ids (in id order); 0: all. For smoke runs
     overwrite: bool = False  # allow an output that was started with a different config (deletes its shards)
     ray_address: str | None = None  # None: the job's cluster, or a new local Ray; "local"; "auto"; ray://...
-    pid_dir: str | None = None  # each actor writes `actor-<pid>.pid` here (ops health checks, kill tests)
-    debug_delay_s: float = 0.0  # sleep after each batch; only for kill/resume tests and demos
     progress: bool = False  # Ray Data progress bars
+    testing: GenerateTesting = field(default_factory=GenerateTesting)  # test hooks, not for users
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -80,14 +96,11 @@ class GenerateConfig:
             need(isinstance(v, int) and v >= -1, f"{name} must be an integer >= -1 (-1: unlimited), got {v!r}")
         need(self.num_cpus >= 0, f"num_cpus must be >= 0, got {self.num_cpus!r}")
         need(self.num_gpus >= 0, f"num_gpus must be >= 0, got {self.num_gpus!r}; use 0 on CPU-only clusters")
-        need(self.debug_delay_s >= 0, f"debug_delay_s must be >= 0, got {self.debug_delay_s!r}")
         need(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
              f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         need(self.device == "auto" or not self.device.startswith("cuda") or self.num_gpus > 0,
              f"device={self.device!r} needs num_gpus > 0 (got {self.num_gpus}); set num_gpus=1")
         if self.template is not None:
-            from pipelines.generate.templates import TemplateError, fields
-
             try:
                 fields(self.template)
             except TemplateError as e:
@@ -101,15 +114,13 @@ class GenerateConfig:
 
     def generation_key(self) -> dict[str, Any]:
         """The settings that decide WHAT is generated (a resume must not change them)."""
-        from pipelines.config import to_dict
-
         d = to_dict(self)
         return {k: v for k, v in d.items() if k not in RUNTIME_KEYS}
 
 
 def sampling_fields() -> list[str]:
-    import dataclasses
-
+    # gptcore.sampling imports torch: imported here so that `raygpt --help` (which imports this
+    # package through pipelines.generate.cli) and config checks without sampling stay light
     from gptcore.sampling import SamplingParams
 
     return [f.name for f in dataclasses.fields(SamplingParams)]
@@ -117,10 +128,8 @@ def sampling_fields() -> list[str]:
 
 def validate_sampling(d: dict[str, Any], where: str = "sampling") -> list[str]:
     """Problems with a dict of SamplingParams defaults (unknown keys, invalid values)."""
-    try:
-        from gptcore.sampling import SamplingParams
-    except ImportError:  # pragma: no cover - only while gptcore.sampling is missing
-        return []
+    from gptcore.sampling import SamplingParams  # torch: see sampling_fields
+
     known = sampling_fields()
     unknown = sorted(set(d) - set(known))
     if unknown:

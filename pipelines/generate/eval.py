@@ -13,8 +13,18 @@ present in both. Does not: generate, download anything, or compute significance 
 
 from __future__ import annotations
 
+import io
+import json
 import re
 from typing import Any
+
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from rouge_score import rouge_scorer
+
+from pipelines.errors import ConfigError
+from pipelines.generate.io import DATA_DIR, MANIFEST, list_input_files, load_output, url_to_fs
+from pipelines.runtime import join
 
 _SENT_SPLIT = re.compile(
     r"(?<=[.!?])[\"'”’)]*\s+(?=[\"'“‘(]*[A-Z0-9])"  # end mark, optional closing quote, space, capital
@@ -33,18 +43,11 @@ def lead_k(article: str, k: int = 3) -> str:
     return "\n".join(sentences(article)[:k])
 
 
-def _read_table(uri: str):
-    """Rows of a Parquet/JSONL/CSV file (or generate output dir) as a list of dicts."""
-    import io
-    import json
-
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    from pipelines.generate.pipeline import DATA_DIR, MANIFEST, _join, list_input_files, load_output, url_to_fs
-
+def _read_table(uri: str) -> tuple[list[dict[str, Any]], bool]:
+    """Rows of a Parquet/JSONL/CSV file (or generate output dir) as a list of dicts, and whether it was
+    a generate output."""
     fs, root = url_to_fs(uri)
-    if fs.isdir(root) and (fs.exists(_join(root, MANIFEST)) or fs.exists(_join(root, DATA_DIR))):
+    if fs.isdir(root) and (fs.exists(join(root, MANIFEST)) or fs.exists(join(root, DATA_DIR))):
         return load_output(uri).to_pylist(), True
     fs, files, fmt = list_input_files(uri)
     rows: list[dict[str, Any]] = []
@@ -67,8 +70,6 @@ def load_generated(uri: str, id_column: str = "id", text_column: str = "text") -
     skipped = {"errors": 0, "other_indices": 0}
     for r in rows:
         if id_column not in r or text_column not in r:
-            from pipelines.config import ConfigError
-
             raise ConfigError(f"--generated {uri!r} rows need columns {id_column!r} and {text_column!r}; "
                               f"found {sorted(r)}")
         if is_output and (r.get("index") or 0) != 0:
@@ -87,17 +88,13 @@ def load_references(uri: str, id_column: str = "id") -> dict[str, dict[str, Any]
     for r in rows:
         refs = r.get("references") or ([r["summary"]] if r.get("summary") is not None else [])
         if id_column not in r or not refs:
-            from pipelines.config import ConfigError
-
             raise ConfigError(f"--references {uri!r} rows need {id_column!r} and `summary` (or `references`); "
                               f"found {sorted(r)}")
         out[str(r[id_column])] = {"article": r.get("article") or "", "references": [str(x) for x in refs]}
     return out
 
 
-def _scorer():
-    from rouge_score import rouge_scorer
-
+def _scorer() -> rouge_scorer.RougeScorer:
     return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 

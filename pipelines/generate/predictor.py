@@ -4,7 +4,7 @@
                    compute=ray.data.ActorPoolStrategy(size=2), num_gpus=0,
                    fn_constructor_kwargs=dict(checkpoint="runs/ckpt", ...))
 
-Input rows come from pipelines.generate.pipeline.prepare_batch (prompt token ids, sampling params as
+Input rows come from pipelines.generate.prepare.prepare_batch (prompt token ids, sampling params as
 JSON, per-row error) already sorted by (chunk, prompt length), so one batch pads little; the batch is
 sorted once more (cheap) before it reaches the engine. Every input row yields exactly `_n` output rows
 (index 0.._n-1), error rows included, so the driver can tell when a chunk is complete.
@@ -19,6 +19,15 @@ import os
 import time
 from typing import Any
 
+import pyarrow as pa
+import ray
+import torch
+
+from gptcore.checkpoint import load_checkpoint
+from gptcore.engine import Engine
+from gptcore.sampling import SamplingParams
+from pipelines.data.clean_quality import repetition_reasons
+from pipelines.generate.io import local_checkpoint, output_schema
 
 MIN_WORDS_FOR_REPETITION = 10  # Gopher's n-gram fractions are meaningless on a handful of words
 
@@ -26,8 +35,6 @@ MIN_WORDS_FOR_REPETITION = 10  # Gopher's n-gram fractions are meaningless on a 
 def quality_reasons(texts: list[str | None]) -> list[str | None]:
     """Why each generated text is unusable ("empty", "repetition:top_2gram", ...), or None if it looks
     fine. Reuses data prep's Gopher repetition rules, so a text is judged the same way everywhere."""
-    from pipelines.data.clean_quality import repetition_reasons
-
     out: list[str | None] = [None] * len(texts)
     check = []
     for i, t in enumerate(texts):
@@ -51,12 +58,6 @@ class GenerationPredictor:
                  torch_threads: int = 0, quality: str = "flag", pid_dir: str | None = None,
                  debug_delay_s: float = 0.0, keep_columns: list[str] | None = None,
                  checkpoint_id: str | None = None, tokenizer_id: str | None = None):
-        import torch
-
-        from gptcore.checkpoint import load_checkpoint
-        from gptcore.engine import Engine
-        from pipelines.generate.pipeline import local_checkpoint
-
         # lets ops tooling (and the kill tests) find this actor's process and see it progress
         self.pid_file = os.path.join(pid_dir, f"actor-{os.getpid()}.pid") if pid_dir else None
         self.batches_done = 0
@@ -77,11 +78,7 @@ class GenerationPredictor:
         self.checkpoint_id = checkpoint_id or ckpt.id
         self.tokenizer_id = tokenizer_id or ckpt.tokenizer.id
 
-    def __call__(self, batch):
-        import pyarrow as pa
-
-        from gptcore.sampling import SamplingParams
-
+    def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         results: dict[int, list[dict[str, Any]]] = {}
         todo = []
@@ -135,11 +132,7 @@ class GenerationPredictor:
             f.write(f"{os.getpid()}\nbatches={self.batches_done}\n")
         os.replace(tmp, self.pid_file)
 
-    def _schema(self, batch):
-        import pyarrow as pa
-
-        from pipelines.generate.pipeline import output_schema
-
+    def _schema(self, batch: pa.Table) -> pa.Schema:
         keep = {c: batch.schema.field(c).type for c in self.keep_columns}
         return output_schema(keep).append(pa.field("_chunk", pa.int32()))
 
@@ -174,8 +167,6 @@ class GenerationPredictor:
 
 def _has_gpu() -> bool:
     try:
-        import ray
-
         return bool(ray.get_gpu_ids())
     except Exception:
         return False

@@ -15,7 +15,7 @@ from __future__ import annotations
 import string
 from typing import Any, Iterable, Mapping
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 
 TASKS = ("summarize", "article", "complete")
 

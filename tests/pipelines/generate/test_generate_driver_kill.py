@@ -39,7 +39,7 @@ def test_killed_driver_resumes_without_loss_or_duplicates(ray_session, tiny_chec
     out = tmp_path / "out"
     args = ["--checkpoint", str(tiny_checkpoint), "--input", str(inp), "--output", str(out), "--task", "summarize",
             "max_new_tokens=4", "truncate=left", "chunk_rows=5", "batch_size=5", "torch_threads=1",
-            "ray_address=local", "debug_delay_s=0.5"]
+            "ray_address=local", "testing.debug_delay_s=0.5"]
     ray_tmp = tempfile.mkdtemp(prefix="rgk", dir="/tmp")  # short: Ray socket paths are length-limited
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["RAY_TMPDIR"] = ray_tmp

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from pipelines.generate import GenerateConfig, run
+from pipelines.generate import GenerateConfig, GenerateTesting, run
 from pipelines.generate.pipeline import OutputMismatchError
 
 FIX = sys.modules["raygpt_gen_test_fixtures"]
@@ -122,7 +122,8 @@ def test_killed_actor_is_retried_and_nothing_is_lost_or_duplicated(ray_session, 
     rows = [{"id": f"k{i:03d}", "article": SENTS[i % len(SENTS)]} for i in range(40)]
     inp = FIX.write_jsonl(tmp_path / "in.jsonl", rows)
     out, pids = tmp_path / "out", tmp_path / "pids"
-    cfg = make_cfg(tiny_checkpoint, inp, out, chunk_rows=5, batch_size=5, pid_dir=str(pids), debug_delay_s=0.5)
+    cfg = make_cfg(tiny_checkpoint, inp, out, chunk_rows=5, batch_size=5,
+                   testing=GenerateTesting(pid_dir=str(pids), debug_delay_s=0.5))
     result: dict = {}
     t = threading.Thread(target=lambda: result.update(run(cfg)), daemon=True)
     t.start()

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import ConfigError, load_config
-from pipelines.generate.config import GenerateConfig
+from pipelines.generate.config import GenerateConfig, GenerateTesting
 from pipelines.generate.pipeline import (atomic_write_bytes, derive_seed, list_input_files, make_plan, row_hash,
                                          url_to_fs)
 from pipelines.generate.templates import TemplateError, fields, render, resolve_template
@@ -84,7 +84,8 @@ def test_cli_maps_bare_sampling_keys_and_flags_beat_the_file(tmp_path):
 
 def test_generation_key_ignores_runtime_settings():
     a = GenerateConfig(**REQ, concurrency=1, batch_size=8)
-    b = GenerateConfig(**{**REQ, "output": "elsewhere"}, concurrency=4, batch_size=32, debug_delay_s=1.0)
+    b = GenerateConfig(**{**REQ, "output": "elsewhere"}, concurrency=4, batch_size=32,
+                       testing=GenerateTesting(debug_delay_s=1.0))
     c = GenerateConfig(**REQ, sampling={"temperature": 0.5})
     assert a.generation_key() == b.generation_key() != c.generation_key()
 
