@@ -28,6 +28,7 @@ import fsspec
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.config import ConfigError, load_config  # noqa: E402
+from pipelines.errors import USER_ERRORS  # noqa: E402
 from pipelines.generate import GenerateConfig, run  # noqa: E402
 from pipelines.ops.lock import LOCKED_EXIT_CODE, LockHeld, RunLock  # noqa: E402
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except LockHeld as e:
         print(f"nightly_generate: {e}", file=sys.stderr)
         return LOCKED_EXIT_CODE
-    except ConfigError as e:
+    except USER_ERRORS as e:  # the user's (config, input, cluster address): one line, exit 2, like the CLI
         print(f"nightly_generate: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2, default=str))
