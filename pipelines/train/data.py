@@ -144,7 +144,7 @@ def _check_first_shard(manifest: dict[str, Any], split: str) -> None:
         rg = md.row_group(0)
         vals = rg.column(names.index("input_ids")).num_values
         if vals != rg.num_rows * width:
-            raise DataError(f"{url}: rows hold {vals / rg.num_rows:g} tokens on average, expected block_size+1 = "
+            raise DataError(f"{url}: its rows hold {vals / rg.num_rows:g} tokens, expected block_size+1 = "
                             f"{width} (manifest.json block_size={manifest['block_size']}); the shard and the manifest "
                             f"come from different prep runs: re-run `raygpt prep --overwrite`")
 
