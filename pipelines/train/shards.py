@@ -262,7 +262,9 @@ class ShardRows:
             return got
         finally:
             with self._lock:
-                self._inflight.pop(key, None)
+                fut = self._inflight.get(key)
+                if fut is not None and fut.columns == cols:  # type: ignore[attr-defined] - not a newer, wider read
+                    del self._inflight[key]
 
     def _parquet(self, shard: int):
         import pyarrow.parquet as pq
