@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.data.manifest import DatasetNotReadyError, load_manifest, shard_paths
 from pipelines.errors import UserError
+from pipelines.runtime import fs_and_path, is_local, sha256_file
 from pipelines.train.shards import (CACHE_ENV, CHUNK_ROWS, DataError, ShardRows, cache_dir, cached_copy,  # noqa: F401
                                     check_vocab, fixed_list, one_line)
 
@@ -57,8 +59,6 @@ class Dataset:
 
     @property
     def is_remote(self) -> bool:
-        from pipelines.runtime import fs_and_path, is_local
-
         return not is_local(fs_and_path(self.root)[0])
 
     def split_rows(self, split: str) -> ShardRows:
@@ -80,8 +80,6 @@ class Dataset:
 
 def open_dataset(path: str) -> Dataset:
     """Load and sanity-check a dataset's manifest (DataError with the reason when it is not usable)."""
-    from pipelines.data.manifest import DatasetNotReadyError, load_manifest
-
     try:
         m = load_manifest(path)
     except DatasetNotReadyError as e:
@@ -108,8 +106,6 @@ def open_dataset(path: str) -> Dataset:
 
 def _check_tokenizer_file(ds: Dataset) -> None:
     """tokenizer.json must be the tokenizer the manifest names (its id is the sha256 of the file)."""
-    from pipelines.runtime import sha256_file
-
     p = Path(ds.tokenizer_path())
     if p.is_file() and (got := sha256_file(p)) != ds.manifest["tokenizer_id"]:
         raise DataError(f"{ds.root.rstrip('/')}/tokenizer.json is tokenizer {got[:16]}... but manifest.json was "
@@ -121,9 +117,6 @@ def _check_first_shard(manifest: dict[str, Any], split: str) -> None:
     """The first shard's footer: its row count and row width (values / rows of input_ids) match the manifest.
     Read in place (a few KB from the end of the file, also for URLs); every chunk is checked again on read."""
     import pyarrow.parquet as pq
-
-    from pipelines.data.manifest import shard_paths
-    from pipelines.runtime import fs_and_path
 
     url, info = shard_paths(manifest, split)[0], manifest["splits"][split]["shards"][0]
     width = int(manifest["block_size"]) + 1
@@ -278,8 +271,6 @@ class SplitRows:
 def read_split(manifest: dict[str, Any], split: str) -> SplitRows:
     """A whole split in RAM: int64 input_ids + int32 doc_ids, 12 bytes a token (see ShardRows for training)."""
     import pyarrow.parquet as pq
-
-    from pipelines.data.manifest import shard_paths
 
     width = int(manifest["block_size"]) + 1
     ids, docs, masks = [], [], []

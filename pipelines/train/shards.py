@@ -21,6 +21,8 @@ or talk to Ray.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -31,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import ConfigError
+from pipelines.data.manifest import shard_paths
+from pipelines.runtime import fs_and_path, is_local, sha256_json
 
 CHUNK_ROWS = 1024  # rows per chunk (the unit of reading and of the window shuffle): part of the sample order
 CACHE_CHUNKS = 16  # decoded chunks a ShardRows keeps (two windows of pipelines.train.data.WINDOW_CHUNKS)
@@ -52,8 +56,6 @@ def one_line(e: BaseException) -> str:
 
 def cache_dir(manifest: dict[str, Any]) -> Path:
     """This node's cache directory of one dataset: $RAYGPT_DATA_CACHE (default ~/.cache/raygpt/data)/<id>."""
-    from pipelines.runtime import sha256_json
-
     base = Path(os.environ.get(CACHE_ENV) or "~/.cache/raygpt/data").expanduser()
     return base / str(manifest.get("id") or sha256_json(manifest.get("splits")))
 
@@ -62,11 +64,6 @@ def cached_copy(url: str, dest: Path, *, size: int | None, sha256: str | None) -
     """`dest`, a verified copy of `url`, downloaded at most once per node: the workers of a node take a file
     lock, the first downloads to a temp file (hashing as it goes) and renames it into place, the others find
     it there. FileNotFoundError when `url` does not exist; DataError when it cannot be read or differs."""
-    import fcntl
-    import hashlib
-
-    from pipelines.runtime import fs_and_path
-
     if dest.is_file() and (size is None or dest.stat().st_size == size):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -155,8 +152,6 @@ class ShardRows:
     """A split's rows, read from its shards on demand (see the module docstring); never all in RAM."""
 
     def __init__(self, manifest: dict[str, Any], split: str, *, capacity: int = CACHE_CHUNKS):
-        from pipelines.data.manifest import shard_paths
-
         self.manifest, self.split = manifest, split
         self.urls = shard_paths(manifest, split)
         self.shards = manifest["splits"][split]["shards"]
@@ -186,8 +181,6 @@ class ShardRows:
 
     def local_path(self, shard: int) -> str:
         """Where shard `shard` is read: in place, or this node's cached copy of a shard behind a URL."""
-        from pipelines.runtime import fs_and_path, is_local
-
         url, info = self.urls[shard], self.shards[shard]
         if self._remote is None:
             self._remote = not is_local(fs_and_path(url)[0])
