@@ -1,41 +1,47 @@
-"""Token batches for training, read from a `raygpt prep` output (Parquet shards + manifest.json).
+"""Token batches for training, streamed from a `raygpt prep` output (Parquet shards + manifest.json).
 
-    ds = open_dataset("runs/data/shakespeare")                  # refuses a directory without manifest
+    ds = open_dataset("runs/data/shakespeare")                  # or s3://bucket/data/x (any fsspec URL)
     check_compatible(ds.manifest, model_config, tokenizer_id=None, sft=False)
-    stream = TrainStream(ds.split_rows("train"), seed=1337, global_batch=24, micro_batch=12, world=2, rank=0)
+    stream = TrainStream(ds.split_rows("train"), seed=1337, micro_batch=12, grad_accum=1, world=2, rank=0)
     x, y, doc_ids = stream.micro_batch(step=0, micro=0)         # (B, T) each; y == -1 where no loss
 
-Order: the global sample sequence is epoch-wise permutations of the train rows, each drawn from
-numpy's generator seeded with (seed, epoch), so it depends on nothing but the seed. Optimizer step s
-consumes samples [s*G, (s+1)*G) (G = global batch); micro batch m of rank r takes the slice
-[(m*world + r)*B, +B). The data position is therefore just the step (samples_seen = s*G), which is
-what the checkpoint records, and a 1-worker run with grad_accum=2 sees exactly the micro batches a
-2-worker run sees. Rows are held in RAM per worker (int32; ~4 bytes/token). Does not: tokenize or
-write data (pipelines.data does), or talk to Ray.
+Order: the global sample sequence is epoch-wise permutations of the train rows drawn from numpy's
+generator seeded with (seed, epoch), so it depends on nothing but the seed and the shard layout of
+the manifest. The rows are cut into chunks of CHUNK_ROWS (per shard, prep's row group size); a split
+of at most WINDOW_CHUNKS chunks is permuted as a whole, as before streaming existed. A larger split
+permutes its chunks, takes them WINDOW_CHUNKS at a time (a window) and permutes the rows of each
+window (generator (seed, epoch, window)): every row once per epoch, and a micro batch touches at most
+WINDOW_CHUNKS chunks. Optimizer step s consumes samples [s*G, (s+1)*G) (G = global batch); micro batch
+m of rank r takes the slice [(m*world + r)*B, +B). The data position is therefore just the step, which
+is what the checkpoint records, and a 1-worker run with grad_accum=2 sees exactly the micro batches a
+2-worker run sees.
+
+Reading: `Dataset.split_rows` streams (pipelines.train.shards.ShardRows): a rank reads only the chunks
+its micro batches touch, into a bounded LRU, with a read-ahead of one micro batch, and shards behind a
+URL are cached once per node. `read_split` loads a whole split into RAM (tests, benchmarks: 12 bytes a
+token). Does not: tokenize or write data (pipelines.data does), or talk to Ray.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipelines.config import ConfigError
+from pipelines.data.manifest import DatasetNotReadyError, load_manifest, shard_paths
+from pipelines.errors import UserError
+from pipelines.runtime import fs_and_path, is_local, sha256_file
+from pipelines.train.shards import (CACHE_ENV, CHUNK_ROWS, DataError, ShardRows, cache_dir, cached_copy,  # noqa: F401
+                                    check_vocab, fixed_list, one_line)
+
+WINDOW_CHUNKS = 8  # chunks whose rows are permuted together: part of the sample order
+EVAL_KEY = 10_000_019  # the eval rows' generator is seeded with (seed, EVAL_KEY)
 
 
-class DataError(ConfigError):
-    """The dataset cannot be used with this model/config (printed as a one-line CLI error)."""
-
-
-@dataclass
-class SplitRows:
-    input_ids: np.ndarray  # (N, T+1) int64
-    doc_ids: np.ndarray | None  # (N, T+1) int32, or None when absent
-    loss_mask: np.ndarray | None  # (N, T+1) int8 (sft), or None
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
+# ---- the dataset --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -51,21 +57,38 @@ class Dataset:
     def block_size(self) -> int:
         return int(self.manifest["block_size"])
 
-    def split_rows(self, split: str) -> SplitRows:
-        return read_split(self.manifest, split)
+    @property
+    def is_remote(self) -> bool:
+        return not is_local(fs_and_path(self.root)[0])
+
+    def split_rows(self, split: str) -> ShardRows:
+        """The split's rows, streamed from the shards (see the module docstring)."""
+        return ShardRows(self.manifest, split)
 
     def tokenizer_path(self) -> str:
-        return f"{str(self.root).rstrip('/')}/tokenizer.json"
+        """A local path of the dataset's tokenizer.json (a node-cache copy for a dataset behind a URL;
+        a path that does not exist when the dataset has none)."""
+        url = f"{str(self.root).rstrip('/')}/tokenizer.json"
+        if not self.is_remote:
+            return url
+        dest = cache_dir(self.manifest) / "tokenizer.json"
+        try:
+            return str(cached_copy(url, dest, size=None, sha256=self.manifest["tokenizer_id"]))
+        except FileNotFoundError:
+            return str(dest)
 
 
 def open_dataset(path: str) -> Dataset:
     """Load and sanity-check a dataset's manifest (DataError with the reason when it is not usable)."""
-    from pipelines.data.manifest import DatasetNotReadyError, load_manifest
-
     try:
         m = load_manifest(path)
     except DatasetNotReadyError as e:
         raise DataError(f"data={path!r}: {e}") from None
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreachable endpoint, bad credentials, unknown protocol
+        raise DataError(f"data={path!r}: cannot read the dataset's manifest.json ({one_line(e)}); check the URL, "
+                        f"that this machine reaches it, and the credentials (s3: AWS_* variables or ~/.aws)") from None
     for key in ("tokenizer_id", "vocab_size", "block_size", "splits"):
         if key not in m:
             raise DataError(f"data={path!r}: manifest.json has no {key!r}; re-run `raygpt prep` with this raygpt")
@@ -73,7 +96,50 @@ def open_dataset(path: str) -> Dataset:
         raise DataError(f"data={path!r}: the dataset has no train shards (splits: {sorted(m['splits'])})")
     if m.get("kind", "pretrain") not in ("pretrain", "sft"):
         raise DataError(f"data={path!r}: unknown dataset kind {m.get('kind')!r} (expected pretrain or sft)")
-    return Dataset(root=path, manifest=m)
+    ds = Dataset(root=path, manifest=m)
+    _check_tokenizer_file(ds)
+    for split in ("train", "val"):
+        if m["splits"].get(split, {}).get("shards"):
+            _check_first_shard(m, split)
+    return ds
+
+
+def _check_tokenizer_file(ds: Dataset) -> None:
+    """tokenizer.json must be the tokenizer the manifest names (its id is the sha256 of the file)."""
+    p = Path(ds.tokenizer_path())
+    if p.is_file() and (got := sha256_file(p)) != ds.manifest["tokenizer_id"]:
+        raise DataError(f"{ds.root.rstrip('/')}/tokenizer.json is tokenizer {got[:16]}... but manifest.json was "
+                        f"written for tokenizer {ds.manifest['tokenizer_id'][:16]}...: the directory mixes two prep "
+                        f"runs; re-run `raygpt prep --overwrite` into it")
+
+
+def _check_first_shard(manifest: dict[str, Any], split: str) -> None:
+    """The first shard's footer: its row count and row width (values / rows of input_ids) match the manifest.
+    Read in place (a few KB from the end of the file, also for URLs); every chunk is checked again on read."""
+    import pyarrow.parquet as pq
+
+    url, info = shard_paths(manifest, split)[0], manifest["splits"][split]["shards"][0]
+    width = int(manifest["block_size"]) + 1
+    try:
+        fs, p = fs_and_path(url)
+        with fs.open(p, "rb") as f:
+            md = pq.read_metadata(f)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{url}: cannot read the Parquet footer ({one_line(e)}); check that the file is reachable "
+                        f"and re-run `raygpt prep` if it is damaged") from None
+    if md.num_rows != int(info["rows"]):
+        raise DataError(f"{url}: holds {md.num_rows} rows, manifest.json says {info['rows']}; the shard does not "
+                        f"belong to this manifest: re-run `raygpt prep --overwrite`")
+    names = [md.schema.column(i).path.split(".")[0] for i in range(md.num_columns)]
+    if "input_ids" not in names:
+        raise DataError(f"{url}: no input_ids column (columns: {names}); not a raygpt token shard: re-run `raygpt prep`")
+    if md.num_row_groups and md.row_group(0).num_rows:
+        rg = md.row_group(0)
+        vals = rg.column(names.index("input_ids")).num_values
+        if vals != rg.num_rows * width:
+            raise DataError(f"{url}: its rows hold {vals / rg.num_rows:g} tokens, expected block_size+1 = "
+                            f"{width} (manifest.json block_size={manifest['block_size']}); the shard and the manifest "
+                            f"come from different prep runs: re-run `raygpt prep --overwrite`")
 
 
 def check_compatible(manifest: dict[str, Any], model_cfg, *, tokenizer_id: str | None, sft: bool | None,
@@ -111,49 +177,124 @@ def has_val(manifest: dict[str, Any]) -> bool:
     return bool(v.get("shards")) and int(v.get("rows", 1) or 0) > 0
 
 
-def _fixed_list(col, width: int, name: str, path: str) -> np.ndarray:
-    """A list<int> column whose rows all have `width` items -> (N, width) numpy array."""
-    import pyarrow as pa
+# ---- the sample order ---------------------------------------------------------------------------------
 
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if len(arr) == 0:
-        return np.zeros((0, width), dtype=np.int64)
-    offsets = arr.offsets.to_numpy()
-    lens = np.diff(offsets)
-    if not (lens == width).all():
-        bad = int(np.flatnonzero(lens != width)[0])
-        raise DataError(f"{path}: column {name} row {bad} has {lens[bad]} tokens, expected block_size+1 = {width}")
-    values = arr.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
-    return values.reshape(-1, width)
+
+def chunk_table(shard_rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(first global row, rows) of every chunk: each shard cut into CHUNK_ROWS-row pieces, in shard order."""
+    starts, lens, off = [], [], 0
+    for r in shard_rows:
+        a = np.arange(0, int(r), CHUNK_ROWS, dtype=np.int64)
+        starts.append(off + a)
+        lens.append(np.minimum(CHUNK_ROWS, int(r) - a))
+        off += int(r)
+    return (np.concatenate(starts) if starts else np.zeros(0, np.int64),
+            np.concatenate(lens) if lens else np.zeros(0, np.int64))
+
+
+class SampleOrder:
+    """One permutation of a split's rows per key (seed, epoch): random access to any position."""
+
+    def __init__(self, shard_rows: list[int]):
+        self.chunk_start, self.chunk_len = chunk_table(shard_rows)
+        self.n = int(self.chunk_len.sum())
+        self._plans: OrderedDict = OrderedDict()  # small LRUs: per-key plans and per-window permutations
+        self._windows: OrderedDict = OrderedDict()
+
+    def _lru(self, cache: OrderedDict, key, make, keep: int = 4):
+        v = cache.get(key)
+        if v is None:
+            v = cache[key] = make()
+            while len(cache) > keep:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return v
+
+    def _plan(self, key: tuple[int, ...]):
+        """The key's chunk order and the windows' first positions / lengths."""
+        def make():
+            perm = np.random.default_rng(list(key)).permutation(len(self.chunk_len))
+            lens = self.chunk_len[perm]
+            wlen = np.add.reduceat(lens, np.arange(0, len(perm), WINDOW_CHUNKS))
+            return perm, np.concatenate([[0], np.cumsum(wlen)[:-1]]), wlen
+        return self._lru(self._plans, key, make)
+
+    def _window(self, key: tuple[int, ...], w: int):
+        """Window w of the key: (its rows' global ids in chunk order, the permutation of those rows)."""
+        def make():
+            perm, _, wlen = self._plan(key)
+            chunks = perm[w * WINDOW_CHUNKS:(w + 1) * WINDOW_CHUNKS]
+            rows = np.concatenate([np.arange(self.chunk_start[c], self.chunk_start[c] + self.chunk_len[c])
+                                   for c in chunks])
+            return rows, np.random.default_rng([*key, w]).permutation(int(wlen[w]))
+        return self._lru(self._windows, (key, w), make)
+
+    def rows_at(self, key: tuple[int, ...], pos: np.ndarray) -> np.ndarray:
+        """Global row ids at positions `pos` (0 <= pos < n) of the key's permutation."""
+        if len(self.chunk_len) <= WINDOW_CHUNKS:  # a small split: one plain permutation (the original order)
+            return self._lru(self._plans, key, lambda: np.random.default_rng(list(key)).permutation(self.n))[pos]
+        _, wstart, _ = self._plan(key)
+        w = np.searchsorted(wstart, pos, side="right") - 1
+        out = np.empty(len(pos), dtype=np.int64)
+        for wi in np.unique(w):
+            sel = w == wi
+            rows, perm = self._window(key, int(wi))
+            out[sel] = rows[perm[pos[sel] - wstart[wi]]]
+        return out
+
+
+# ---- rows: in RAM, or streamed ------------------------------------------------------------------------
+
+
+@dataclass
+class SplitRows:
+    """A whole split in RAM (read_split; tests and benchmarks)."""
+    input_ids: np.ndarray  # (N, T+1) int64
+    doc_ids: np.ndarray | None  # (N, T+1) int32, or None when absent
+    loss_mask: np.ndarray | None  # (N, T+1) int8 (sft), or None
+    shard_rows: list[int] | None = None  # the shard layout (it shapes the order); None: one shard
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def layout(self) -> list[int]:
+        return list(self.shard_rows) if self.shard_rows else [len(self)]
+
+    def take(self, ix: np.ndarray, columns: tuple[str, ...]) -> dict[str, np.ndarray | None]:
+        return {c: None if getattr(self, c) is None else getattr(self, c)[ix] for c in columns}
+
+    def prefetch(self, ix: np.ndarray, columns: tuple[str, ...]) -> None:
+        pass
+
 
 
 def read_split(manifest: dict[str, Any], split: str) -> SplitRows:
+    """A whole split in RAM: int64 input_ids + int32 doc_ids, 12 bytes a token (see ShardRows for training)."""
     import pyarrow.parquet as pq
-
-    from pipelines.data.manifest import shard_paths
 
     width = int(manifest["block_size"]) + 1
     ids, docs, masks = [], [], []
     want_mask = manifest.get("kind") == "sft"
-    for path in shard_paths(manifest, split):
-        t = pq.read_table(path)
+    rows = ShardRows(manifest, split)
+    for i, path in enumerate(shard_paths(manifest, split)):
+        t = pq.read_table(rows.local_path(i))
         if "input_ids" not in t.column_names:
             raise DataError(f"{path}: no input_ids column (columns: {t.column_names})")
-        ids.append(_fixed_list(t.column("input_ids"), width, "input_ids", path).astype(np.int64))
+        ids.append(fixed_list(t.column("input_ids"), width, "input_ids", path).astype(np.int64))
         if "doc_ids" in t.column_names:
-            docs.append(_fixed_list(t.column("doc_ids"), width, "doc_ids", path).astype(np.int32))
+            docs.append(fixed_list(t.column("doc_ids"), width, "doc_ids", path).astype(np.int32))
         if want_mask:
             if "loss_mask" not in t.column_names:
                 raise DataError(f"{path}: an sft dataset needs a loss_mask column (columns: {t.column_names})")
-            masks.append(_fixed_list(t.column("loss_mask"), width, "loss_mask", path).astype(np.int8))
+            masks.append(fixed_list(t.column("loss_mask"), width, "loss_mask", path).astype(np.int8))
     input_ids = np.concatenate(ids) if ids else np.zeros((0, width), np.int64)
     doc_ids = np.concatenate(docs) if docs and len(docs) == len(ids) else None
     loss_mask = np.concatenate(masks) if masks else None
-    vocab = int(manifest["vocab_size"])
-    if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= vocab):
-        raise DataError(f"dataset {manifest.get('root')!r} split {split}: token ids span "
-                        f"[{input_ids.min()}, {input_ids.max()}], outside the vocabulary [0, {vocab})")
-    return SplitRows(input_ids, doc_ids, loss_mask)
+    check_vocab(input_ids, int(manifest["vocab_size"]), f"dataset {manifest.get('root')!r} split {split}")
+    return SplitRows(input_ids, doc_ids, loss_mask, shard_rows=rows.layout())
+
+
+# ---- batches ------------------------------------------------------------------------------------------
 
 
 def make_targets(input_ids: np.ndarray, doc_ids: np.ndarray | None, loss_mask: np.ndarray | None,
@@ -175,24 +316,27 @@ def make_targets(input_ids: np.ndarray, doc_ids: np.ndarray | None, loss_mask: n
     return x, y, d
 
 
+def _columns(doc_mask: bool) -> tuple[str, ...]:
+    return ("input_ids", "loss_mask") + (("doc_ids",) if doc_mask else ())
+
+
+def _batch(rows, ix: np.ndarray, doc_mask: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    got = rows.take(ix, _columns(doc_mask))
+    ids = got["input_ids"].astype(np.int64, copy=False)
+    return make_targets(ids, got.get("doc_ids"), got["loss_mask"], doc_mask)
+
+
 class TrainStream:
     """Deterministic, resumable micro batches for one rank (see the module docstring for the order)."""
 
-    def __init__(self, rows: SplitRows, *, seed: int, micro_batch: int, grad_accum: int, world: int, rank: int,
-                 doc_mask: bool = False):
+    def __init__(self, rows: SplitRows | ShardRows, *, seed: int, micro_batch: int, grad_accum: int, world: int,
+                 rank: int, doc_mask: bool = False):
         if len(rows) == 0:
             raise DataError("the train split is empty")
         self.rows, self.seed, self.B, self.accum = rows, seed, micro_batch, grad_accum
         self.world, self.rank, self.doc_mask = world, rank, doc_mask
         self.global_batch = micro_batch * grad_accum * world
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        p = self._perms.get(epoch)
-        if p is None:
-            p = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
-            self._perms = {epoch: p, **{k: v for k, v in self._perms.items() if k == epoch - 1}}
-        return p
+        self.order = SampleOrder(rows.layout())
 
     def indices(self, step: int, micro: int) -> np.ndarray:
         start = step * self.global_batch + (micro * self.world + self.rank) * self.B
@@ -201,14 +345,14 @@ class TrainStream:
         out = np.empty(self.B, dtype=np.int64)
         for ep in np.unique(g // n):
             sel = (g // n) == ep
-            out[sel] = self._perm(int(ep))[g[sel] % n]
+            out[sel] = self.order.rows_at((self.seed, int(ep)), g[sel] % n)
         return out
 
     def micro_batch(self, step: int, micro: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        ix = self.indices(step, micro)
-        r = self.rows
-        return make_targets(r.input_ids[ix], None if r.doc_ids is None else r.doc_ids[ix],
-                            None if r.loss_mask is None else r.loss_mask[ix], self.doc_mask)
+        out = _batch(self.rows, self.indices(step, micro), self.doc_mask)
+        nxt = (step, micro + 1) if micro + 1 < self.accum else (step + 1, 0)
+        self.rows.prefetch(self.indices(*nxt), _columns(self.doc_mask))  # read-ahead: the next micro batch
+        return out
 
     def epoch_of(self, step: int) -> float:
         return step * self.global_batch / len(self.rows)
@@ -217,15 +361,12 @@ class TrainStream:
 class EvalSet:
     """The fixed validation micro batches of one rank: the same rows at every evaluation."""
 
-    def __init__(self, rows: SplitRows, *, seed: int, micro_batch: int, iters: int, world: int, rank: int,
-                 doc_mask: bool = False):
+    def __init__(self, rows: SplitRows | ShardRows, *, seed: int, micro_batch: int, iters: int, world: int,
+                 rank: int, doc_mask: bool = False):
         if len(rows) == 0:
             raise DataError("the val split is empty")
         need = micro_batch * iters * world
-        order = np.random.default_rng([seed, 10_000_019]).permutation(len(rows))
-        order = np.resize(order, need)  # repeats rows when the split is smaller than the evaluation
+        # repeats rows when the split is smaller than the evaluation
+        order = SampleOrder(rows.layout()).rows_at((seed, EVAL_KEY), np.arange(need) % len(rows))
         mine = order.reshape(iters, world, micro_batch)[:, rank]  # (iters, B)
-        self.batches = []
-        for ix in mine:
-            self.batches.append(make_targets(rows.input_ids[ix], None if rows.doc_ids is None else rows.doc_ids[ix],
-                                             None if rows.loss_mask is None else rows.loss_mask[ix], doc_mask))
+        self.batches = [_batch(rows, ix, doc_mask) for ix in mine]
