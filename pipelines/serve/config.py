@@ -321,8 +321,8 @@ def ray_serve_env(ingress: str = "proxy", testing: ServeTesting | None = None) -
 
 
 def haproxy_private_env(state_dir: str, stats_port: int, metrics_port: int, fallback_port: int) -> dict[str, str]:
-    """HAProxy file paths and side ports of their own, for a Serve instance that may share its machine
-    with another one (tests, benchmarks): Serve's defaults are fixed (/tmp/haproxy-serve/, stats on
+    """HAProxy file paths and side ports of their own (what ServeTesting.serve_env uses; not for users),
+    for a Serve instance that may share its machine with another one (tests, benchmarks): Serve's defaults are fixed (/tmp/haproxy-serve/, stats on
     port 8404 and Prometheus on 9101, both bound on all interfaces, and the fallback Serve proxy that
     HAProxy uses while an app has no replica on port 8500), so two would collide. Serve puts
     the sockets in a per-node subdirectory (56 characters) and HAProxy refuses socket paths over 97
