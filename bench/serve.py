@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="back-to-back pairs per round for the goal figures (latency pairs; /4 throughput pairs)")
     ap.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     ap.add_argument("--ingress", choices=("haproxy", "proxy"), default=None,
-                    help="ServeConfig.ingress (default: ServeConfig's, haproxy)")
+                    help="ServeConfig.ingress (default: haproxy, as BENCHMARKS.md measured)")
     ap.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment variable for Ray/Serve (repeatable), e.g. "
                          "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1")
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     from gptcore.engine import Engine
     from pipelines.config import apply_overrides
     from pipelines.serve.app import build_app
-    from pipelines.serve.config import ServeConfig, haproxy_private_env, ray_serve_env
+    from pipelines.serve.config import ServeConfig, ServeTesting, ray_serve_env
 
     tmp = tempfile.TemporaryDirectory(prefix="raygpt-bench-serve-")
     overrides = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.model)}
@@ -286,12 +286,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{mc.block_size}), stream_interval_s {args.stream_interval}, "
           f"{args.new_tokens} new tokens/request, {args.requests} requests/level, {args.threads} torch threads, "
           f"{os.cpu_count()} cores", flush=True)
-    ingress = args.ingress or ServeConfig.ingress
+    ingress = args.ingress or "haproxy"  # what BENCHMARKS.md measured (a local `raygpt serve` defaults to proxy)
     env = {**ray_serve_env(ingress), **serve_env}
     print(f"ingress {ingress}, Serve env {env}, requests to the {args.target}", flush=True)
     hap_dir = tempfile.TemporaryDirectory(prefix="rghap-", dir="/tmp")  # short: unix socket paths
-    if ingress == "haproxy":  # own HAProxy files and side ports: another Serve may run on this machine
-        env.update(haproxy_private_env(hap_dir.name, free_port(), free_port(), free_port()))
+    # own HAProxy files and side ports (ServeConfig.testing): another Serve may run on this machine
+    testing = ServeTesting(haproxy_state_dir=hap_dir.name, haproxy_stats_port=free_port(),
+                           haproxy_metrics_port=free_port(), fallback_proxy_port=free_port())
+    env.update(testing.serve_env(ingress))
 
     ray.init(address="local", num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})

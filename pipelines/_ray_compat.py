@@ -69,6 +69,16 @@ def serve_haproxy_enabled() -> bool:
     return bool(getattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", False))
 
 
+def serve_haproxy_ports() -> dict[str, int]:
+    """Serve's HAProxy side ports as this process's environment sets them (Ray's defaults otherwise):
+    {"stats": 8404, "metrics": 9101, "fallback": 8500}. HAProxy binds stats and metrics on all interfaces."""
+    from ray.serve._private import constants
+
+    return {"stats": int(constants.RAY_SERVE_HAPROXY_STATS_PORT),
+            "metrics": int(constants.RAY_SERVE_HAPROXY_METRICS_PORT),
+            "fallback": int(constants.RAY_SERVE_FALLBACK_PROXY_HTTP_PORT)}
+
+
 def global_state() -> Any:
     """Ray's GCS state accessor (node table etc.), for drills that inspect the cluster."""
     from ray._private import state

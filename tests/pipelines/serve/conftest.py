@@ -44,16 +44,17 @@ def serve_port(ray_session) -> int:
 
     from serve_testlib import free_port
 
-    from pipelines.serve.config import ServeConfig, haproxy_private_env, ray_serve_env
+    from pipelines.serve.config import ServeConfig, ServeTesting, ray_serve_env
 
-    # the serving path `raygpt serve` sets up (ServeConfig.ingress, default HAProxy in front of the
-    # replicas); RAYGPT_TEST_SERVE_INGRESS=proxy runs the tests behind Serve's Python proxy instead.
-    # HAProxy's files and side ports are private, so a Serve on the same machine cannot collide
+    # the serving path `raygpt serve` sets up (ServeConfig.ingress, default Serve's Python proxy in
+    # front of the replicas); RAYGPT_TEST_SERVE_INGRESS=haproxy runs the tests behind HAProxy instead
+    # (what the cluster configs use). HAProxy's files and side ports are private (ServeConfig.testing),
+    # so a Serve on the same machine cannot collide
     ingress = os.environ.get("RAYGPT_TEST_SERVE_INGRESS") or ServeConfig.ingress
-    env = ray_serve_env(ingress)
     hap_dir = tempfile.mkdtemp(prefix="rghap-", dir="/tmp")  # short: HAProxy's unix socket paths are limited
-    if ingress == "haproxy":
-        env.update(haproxy_private_env(hap_dir, free_port(), free_port(), free_port()))
+    testing = ServeTesting(haproxy_state_dir=hap_dir, haproxy_stats_port=free_port(),
+                           haproxy_metrics_port=free_port(), fallback_proxy_port=free_port())
+    env = ray_serve_env(ingress, testing)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 controller_options={"runtime_env": {"env_vars": env}})

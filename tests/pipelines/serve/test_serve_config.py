@@ -87,7 +87,7 @@ def test_ray_serve_env_per_ingress():
     from pipelines.config import ConfigError
     from pipelines.serve.config import haproxy_private_env, load_serve_config, ray_serve_env
 
-    assert ServeConfig(checkpoint="c").ingress == "haproxy"
+    assert ServeConfig(checkpoint="c").ingress == "proxy"  # issue 15: HAProxy binds 8404/9101 on all interfaces
     ha, px = ray_serve_env("haproxy"), ray_serve_env("proxy")
     assert ha["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and px["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
     assert ha["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == px["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
@@ -167,3 +167,50 @@ def test_api_keys_from_file_and_environment(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="does not exist") as ei:
         load_api_keys(AuthSettings(api_keys_file=str(tmp_path / "nope.txt")))
     assert "sk-" not in str(ei.value)
+
+
+def test_drain_and_testing_hooks():
+    from pipelines.config import ConfigError
+    from pipelines.serve.config import ServeTesting, load_serve_config, ray_serve_env
+
+    assert ServeConfig(checkpoint="c").drain_s == 5.0
+    for bad in ("drain_s=-1", "drain_s=21"):
+        with pytest.raises(ConfigError, match="drain_s"):
+            load_serve_config(None, ["checkpoint=c", bad])
+    # the testing hooks: private HAProxy files and ports, only with ingress haproxy
+    t = ServeTesting(haproxy_state_dir="/tmp/x", haproxy_stats_port=1, haproxy_metrics_port=2, fallback_proxy_port=3)
+    assert ray_serve_env("haproxy", t)["RAY_SERVE_HAPROXY_STATS_PORT"] == "1"
+    assert ray_serve_env("proxy", t) == ray_serve_env("proxy")
+    assert ray_serve_env("haproxy", ServeTesting()) == ray_serve_env("haproxy")
+    with pytest.raises(ConfigError, match="testing.haproxy_stats_port"):
+        ServeTesting(haproxy_state_dir="/tmp/x")
+    cfg = load_serve_config(None, ["checkpoint=c", "testing.haproxy_state_dir=/tmp/y", "testing.haproxy_stats_port=5",
+                                   "testing.haproxy_metrics_port=6", "testing.fallback_proxy_port=7"])
+    assert cfg.testing.haproxy_metrics_port == 6
+
+
+def test_port_check_names_the_holder():
+    import os
+    import socket
+
+    from pipelines.errors import UserError
+    from pipelines.serve.ports import PortInUseError, check_port_free, is_loopback
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(PortInUseError, match=rf"--port {port}: 127.0.0.1:{port} is already in use by pid "
+                                                 rf"{os.getpid()} .*another --port") as e:
+            check_port_free("127.0.0.1", port, "--port")
+        assert isinstance(e.value, UserError)
+    check_port_free("127.0.0.1", port, "--port")  # free again
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
+
+
+def test_haproxy_side_ports_through_ray_compat():
+    from pipelines import _ray_compat
+
+    ports = _ray_compat.serve_haproxy_ports()
+    assert set(ports) == {"stats", "metrics", "fallback"} and all(isinstance(p, int) and p > 0 for p in ports.values())
