@@ -11,14 +11,18 @@ decontaminate. Does not: run anything (pipelines.data.pipeline.run does).
 
 from __future__ import annotations
 
-from pipelines.errors import UserError
-
 import dataclasses
 import re
+import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, from_dict, to_dict
+from pipelines.data.steps import STEP_REGISTRY, build_step
+from pipelines.data.step_configs import DecontamConfig, ExactDedupConfig, FuzzyDedupConfig
+from pipelines.errors import UserError
+
+OWN_STEP_CONFIGS = {"exact_dedup": ExactDedupConfig, "fuzzy_dedup": FuzzyDedupConfig, "decontaminate": DecontamConfig}
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "csv")
 TEXT_MODES = ("file", "line", "paragraph")
@@ -165,8 +169,6 @@ class _AnyField(dict):
 
 def template_fields(tpl: str) -> list[str]:
     """Names of the {field} placeholders in a str.format template, in order."""
-    import string
-
     return [f for _, f, _, _ in string.Formatter().parse(tpl) if f]
 
 
@@ -233,29 +235,18 @@ class PrepConfig:
 
 def validate_step(st: StepSpec, index: int) -> None:
     """Check a step's name and params now, so a typo fails before Ray starts."""
-    if st.name == "exact_dedup":
-        from pipelines.data.dedup import ExactDedupConfig as cls
-    elif st.name == "fuzzy_dedup":
-        from pipelines.data.dedup import FuzzyDedupConfig as cls
-    elif st.name == "decontaminate":
-        from pipelines.data.decontam import DecontamConfig as cls
-    else:
-        try:
-            from pipelines.data import steps as steps_mod
-        except ImportError:  # the cleaning steps module is absent: only our own steps are known
-            raise ConfigError(f"steps[{index}].name: unknown step {st.name!r}; known steps: {list(OWN_STEPS)}") from None
-        if st.name not in steps_mod.STEP_REGISTRY:
-            known = sorted(set(steps_mod.STEP_REGISTRY) | set(OWN_STEPS))
+    cls = OWN_STEP_CONFIGS.get(st.name)
+    if cls is None:
+        if st.name not in STEP_REGISTRY:
+            known = sorted(set(STEP_REGISTRY) | set(OWN_STEPS))
             raise ConfigError(f"steps[{index}].name: unknown step {st.name!r}; known steps: {known}")
         try:
-            steps_mod.build_step(st.name, dict(st.params))
+            build_step(st.name, dict(st.params))
         except ConfigError as e:
             raise ConfigError(f"steps[{index}] ({st.name}): {e}") from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"steps[{index}] ({st.name}): bad params {st.params!r}: {e}") from None
         return
-    from pipelines.config import from_dict
-
     try:
         from_dict(cls, dict(st.params), prefix=f"steps[{index}].params.")
     except ConfigError:
@@ -266,8 +257,6 @@ def validate_step(st: StepSpec, index: int) -> None:
 
 def content_config(cfg: PrepConfig) -> dict:
     """The config as recorded in the manifest: everything that shapes the data, nothing about where/how."""
-    from pipelines.config import to_dict
-
     d = to_dict(cfg)
     for k in RUNTIME_FIELDS:
         d.pop(k, None)

@@ -21,44 +21,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from pipelines.config import ConfigError
+from pipelines.data.step_configs import ExactDedupConfig, FuzzyDedupConfig  # noqa: F401 - also re-exported
 
 U64 = np.uint64
 _MASK64 = (1 << 64) - 1
-
-
-# ----------------------------------------------------------------------------------------------- configs
-
-@dataclass
-class ExactDedupConfig:
-    lowercase: bool = True
-    collapse_whitespace: bool = True
-
-
-@dataclass
-class FuzzyDedupConfig:
-    ngram_size: int = 5  # shingles are word n-grams
-    num_perm: int = 128
-    bands: int = 20
-    rows: int = 6  # bands * rows <= num_perm; candidate threshold ~ (1/bands)^(1/rows)
-    threshold: float = 0.8  # Jaccard at/above which two documents are near-duplicates
-    verify: Literal["exact", "signature"] = "exact"  # exact Jaccard of the shingle sets, or MinHash estimate
-    seed: int = 1
-    max_bucket: int = 5000  # bigger buckets (boilerplate) only pair their smallest member with the rest
-
-    def __post_init__(self) -> None:
-        for k in ("ngram_size", "num_perm", "bands", "rows"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"fuzzy_dedup.{k}: must be >= 1, got {getattr(self, k)!r}")
-        if self.bands * self.rows > self.num_perm:
-            raise ConfigError(f"fuzzy_dedup: bands*rows must be <= num_perm, got {self.bands}*{self.rows} > "
-                              f"{self.num_perm}; lower bands/rows or raise num_perm")
-        if not 0.0 < self.threshold <= 1.0:
-            raise ConfigError(f"fuzzy_dedup.threshold: must be in (0, 1], got {self.threshold!r}; e.g. 0.8")
 
 
 # ----------------------------------------------------------------------------------------------- hashing
