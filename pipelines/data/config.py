@@ -124,8 +124,12 @@ class TokenizerSpec:
 @dataclass
 class PackSpec:
     block_size: int = 256  # rows hold block_size + 1 tokens (inputs + shifted targets)
-    val_fraction: float = 0.05  # share of documents sent to val, by a hash of the document text
-    split_seed: int = 0  # changes which documents land in val
+    val_fraction: float = 0.05  # share sent to val: of the documents (split_by=document) or of each one's text
+    split_seed: int = 0  # changes which documents land in val (split_by=document)
+    # document: a document goes to val when a keyed hash of its text falls below val_fraction;
+    # position: the last val_fraction of every document's characters goes to val, the rest to train
+    # (nanoGPT's 90/10 split of one long text; pretraining only)
+    split_by: Literal["document", "position"] = "document"
 
     def __post_init__(self) -> None:
         if not 1 <= self.block_size <= 1_048_576:
@@ -228,6 +232,9 @@ class PrepConfig:
                 if missing:
                     _fail(f"inputs[{j}].fields", f"a list containing the template fields {sorted(needed)}",
                           inp.fields, f"add {missing} (kind=sft renders records through sft.*_template)")
+        if self.kind == "sft" and self.pack.split_by == "position":
+            _fail("pack.split_by", "'document' for kind=sft (an example is never cut in two)", self.pack.split_by,
+                  "use pack.split_by=document")
         if any(inp.encoding == "raw" for inp in self.inputs) and not any(s.name == "decode" for s in self.steps):
             _fail("steps", "to contain a 'decode' step when an input has encoding=raw",
                   [s.name for s in self.steps], "add {name: decode} first or use encoding: utf-8")
@@ -260,6 +267,8 @@ def content_config(cfg: PrepConfig) -> dict:
     d = to_dict(cfg)
     for k in RUNTIME_FIELDS:
         d.pop(k, None)
+    if d.get("pack", {}).get("split_by") == "document":  # the default: datasets made before it keep their hash
+        d["pack"].pop("split_by")
     for inp in d.get("inputs", []):
         # storage options can hold credentials: record only which keys were set
         inp["storage_options"] = sorted(inp.get("storage_options") or {})

@@ -211,7 +211,7 @@ def _final_segment(cfg: PrepConfig, tok, items: list[dict[str, Any]], steps: lis
 
     sft = cfg.kind == "sft"
     tok_step = Tokenize(ray.put(tok.to_json_str()), cfg.kind, cfg.pack.block_size, cfg.pack.val_fraction,
-                        cfg.pack.split_seed, cfg.sft if sft else None)
+                        cfg.pack.split_seed, cfg.sft if sft else None, split_by=cfg.pack.split_by)
     runner = SegmentRunner(steps, "final", tokenize=tok_step, **common)
     sink = Sink(cfg)
     try:

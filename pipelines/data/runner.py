@@ -227,6 +227,8 @@ def token_table(batch: dict[str, list], out: dict[str, Any], stats: dict[str, An
         "ids": ids,
         "val": pa.array(out["_val"]),
     }
+    if "_cut" in out:
+        cols["cut"] = pa.array(out["_cut"], pa.int64())
     if "_mask" in out:
         cols["mask"] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(out["_mask"], pa.int8()))
     st = [""] * n
@@ -240,6 +242,8 @@ def token_table(batch: dict[str, list], out: dict[str, Any], stats: dict[str, An
         cols["n_chars"] = pa.array([0], pa.int64())
         cols["ids"] = pa.ListArray.from_arrays(pa.array([0, 0], pa.int32()), pa.array([], pa.int32()))
         cols["val"] = pa.array([False])
+        if "cut" in cols:
+            cols["cut"] = pa.array([0], pa.int64())
         if "mask" in cols:
             cols["mask"] = pa.ListArray.from_arrays(pa.array([0, 0], pa.int32()), pa.array([], pa.int8()))
     return pa.table(cols)

@@ -72,13 +72,35 @@ class Sink:
         self.alive_final += len(alive_idx)
         nch = b.column("n_chars").to_numpy()
         self.hist_after = [a + c for a, c in zip(self.hist_after, hist(nch[alive_idx]))]
-        val = b.column("val").to_numpy(zero_copy_only=False)
         ids_col = b.column("ids").combine_chunks()
+        if "cut" in b.column_names:
+            self._add_by_position(ids_col, b.column("cut").to_numpy(), alive_idx)
+            return
+        val = b.column("val").to_numpy(zero_copy_only=False)
         mask_col = b.column("mask").combine_chunks() if self.with_mask else None
         for split, want in (("train", False), ("val", True)):
             rows = np.array([i for i in alive_idx if bool(val[i]) == want], dtype=np.int64)
             if rows.size:
                 self._add_rows(split, ids_col, mask_col, rows)
+
+    def _add_by_position(self, ids_col, cuts: np.ndarray, alive_idx: list[int]) -> None:
+        """split_by=position: each row's first cut tokens go to train, the rest to val."""
+        offs = ids_col.offsets.to_numpy()
+        vals = ids_col.values.to_numpy()
+        for split in SPLITS:
+            pieces = []
+            for i in alive_idx:
+                lo, hi = (offs[i], offs[i] + cuts[i]) if split == "train" else (offs[i] + cuts[i], offs[i + 1])
+                if hi > lo:
+                    pieces.append(vals[lo:hi])
+            if not pieces:
+                continue
+            self.split_docs[split] += len(pieces)
+            flat = np.concatenate(pieces)
+            self.split_tokens[split] += int(flat.size)
+            res = self.packers[split].add(flat, np.array([p.size for p in pieces], np.int64))
+            if res is not None:
+                self.writers[split].add(*res)
 
     def _add_rows(self, split: str, ids_col, mask_col, rows: np.ndarray) -> None:
         T = self.T
