@@ -25,10 +25,11 @@ import fsspec
 
 from pipelines.data import manifest as mf
 from pipelines.data.config import PrepConfig, PrepError, content_config
-from pipelines.data.dedup import ApplyLosers, Signatures, fuzzy_losers, group_decisions
+from pipelines.data.dedup import Signatures
+from pipelines.data.dedup_stage import decide_barrier
 from pipelines.data.ledger import MB, check_ledger, merge_stats, no_usable_input_message, step_times
 from pipelines.data.pack import Tokenize
-from pipelines.data.plan import (Barrier, Segment, build_segments, config_hash, partitions_for, prepare_output,
+from pipelines.data.plan import (Segment, build_segments, config_hash, partitions_for, prepare_output,
                                  runner_inputs, work_root)
 from pipelines.data.read import plan_reads
 from pipelines.data.runner import DataContext, SegmentRunner, batch_to_table, run_udf
@@ -113,48 +114,45 @@ def _dedup_segments(segments: list[Segment], items: list[dict[str, Any]], partit
         runner = SegmentRunner(steps + [Signatures(seg.barrier.exact, seg.barrier.fuzzy)], "work",
                                work_dir=stage_dir, barrier=seg.barrier, partitions=partitions, **common)
         t0 = time.time()
-        pre_steps = _decide(seg.barrier, run_udf(items, runner, f"segment{si}"), partitions, stage_dir,
-                            stats, dedup_info)
+        dec = decide_barrier(seg.barrier, run_udf(items, runner, f"segment{si}"), partitions, stage_dir)
+        for s in dec.stats:
+            merge_stats(stats, json.loads(s))
+        dedup_info.update(dec.info(seg.barrier))
+        pre_steps = dec.steps(seg.barrier)
         timings[f"segment{si}_dedup_s"] = time.time() - t0
         files = sorted(f"{stage_dir}/{p}" for p in os.listdir(stage_dir) if p.endswith(".parquet"))
-        items = [{"file": f, "order": k} for k, f in enumerate(files)]
+        items = dec.next_items(files)
     return items, pre_steps + segments[-1].steps
 
 
-def _decide(bar: Barrier, key_ds, partitions: int, stage_dir: str, stats: dict[str, Any],
-            info: dict[str, Any]) -> list[Any]:
-    """Run the segment and the dedup groupby; return steps that apply the decisions (ApplyLosers) at the
-    start of the next segment."""
-    import ray
+class _Sample:
+    """The tokenizer's training input. BPE: the documents themselves (up to the configured limit). Char:
+    only the set of characters seen (a char vocabulary is the sorted set), so the driver never holds the
+    corpus, and training on the one string of those characters gives the same tokenizer."""
 
-    max_bucket = bar.fuzzy.max_bucket if bar.fuzzy is not None else 5000
-    exact, pairs, stat_rows = group_decisions(key_ds, partitions, max_bucket)
-    for s in stat_rows:
-        merge_stats(stats, json.loads(s))
-    files = sorted(f"{stage_dir}/{p}" for p in os.listdir(stage_dir) if p.endswith(".parquet"))
-    if bar.exact is not None:
-        info["exact_dedup"] = {"duplicates": len(exact)}
-    else:
-        exact = []
-    fuzzy: list[str] = []
-    if bar.fuzzy is not None:
-        fuzzy, finfo = fuzzy_losers(pairs, exact, files, bar.fuzzy)
-        info["fuzzy_dedup"] = {"near_duplicates": len(fuzzy), **finfo}
-    steps: list[Any] = []
-    for name in bar.order:
-        losers = exact if name == "exact_dedup" else fuzzy
-        reason = "duplicate" if name == "exact_dedup" else "near_duplicate"
-        steps.append(ApplyLosers(name, reason, ray.put(losers)))
-    return steps
+    def __init__(self, chars_only: bool):
+        self.chars: set[str] | None = set() if chars_only else None
+        self.texts: list[str] = []
+        self.size = self.docs = 0
+
+    def add(self, t: str) -> None:
+        if self.chars is not None:
+            self.chars.update(t)
+        else:
+            self.texts.append(t)
+        self.size += len(t)
+        self.docs += 1
+
+    def training_texts(self) -> list[str]:
+        return ["".join(sorted(self.chars))] if self.chars is not None else self.texts
 
 
 def _tokenizer_sample(cfg: PrepConfig, items: list[dict[str, Any]], steps: list[Any],
-                      common: dict[str, Any]) -> tuple[list[str], int]:
+                      common: dict[str, Any]) -> _Sample:
     """The first tokenizer.sample_mb of cleaned documents in input order (all of them for char or 0)."""
     spec = cfg.tokenizer
     limit = int(spec.sample_mb * MB) if (spec.kind == "bpe" and spec.sample_mb > 0) else None
-    texts: list[str] = []
-    size = 0
+    sample = _Sample(chars_only=spec.kind == "char")
     runner = SegmentRunner(steps, "text", **common)
     it = run_udf(items, runner, "tokenizer_sample").iter_batches(batch_size=None, batch_format="pyarrow")
     stats: dict[str, Any] = {"steps": {}}
@@ -169,17 +167,16 @@ def _tokenizer_sample(cfg: PrepConfig, items: list[dict[str, Any]], steps: list[
                 if d.startswith("read:") and len(problems) < 10:
                     problems.append({"source": src, "reason": d})
                 continue
-            if limit is not None and size >= limit:
+            if limit is not None and sample.size >= limit:
                 break
-            texts.append(t)
-            size += len(t)
-        if limit is not None and size >= limit:
+            sample.add(t)
+        if limit is not None and sample.size >= limit:
             break
     del it
-    if not texts:
+    if not sample.docs:
         led = [{"step": n, "drops": e["drops"]} for n, e in stats["steps"].items()]
         raise PrepError(no_usable_input_message(led, problems))
-    return texts, size
+    return sample
 
 
 def _tokenizer(cfg: PrepConfig, items: list[dict[str, Any]], steps: list[Any], common: dict[str, Any]):
@@ -191,8 +188,9 @@ def _tokenizer(cfg: PrepConfig, items: list[dict[str, Any]], steps: list[Any], c
             return Tokenizer.load(spec.path)
         except (OSError, ValueError) as e:
             raise PrepError(f"tokenizer.path {spec.path!r}: cannot load it ({e})") from None
-    texts, size = _tokenizer_sample(cfg, items, steps, common)
-    say(f"training a {spec.kind} tokenizer on {len(texts)} documents ({size / MB:.1f} MB)")
+    sample = _tokenizer_sample(cfg, items, steps, common)
+    say(f"training a {spec.kind} tokenizer on {sample.docs} documents ({sample.size / MB:.1f} MB)")
+    texts = sample.training_texts()
     try:
         if spec.kind == "bpe":
             with warnings.catch_warnings():

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipelines.data.dedup_stage import work_file_id, work_file_name
 from pipelines.data.ledger import HIST_EDGES, count_drop, hist, new_entry
 from pipelines.data.plan import Barrier
 from pipelines.data.read import read_task
@@ -133,6 +134,10 @@ class SegmentRunner:
         for raw_item in items["item"]:
             item = json.loads(raw_item)
             from_read = "file" not in item
+            for step in self.steps:
+                bind = getattr(step, "bind_item", None)
+                if bind is not None:
+                    bind(item)
             k = 0
             src = self._source(item)
             while True:
@@ -183,13 +188,14 @@ class SegmentRunner:
         bar = self.barrier
         keep_sig = bar.fuzzy is not None and bar.fuzzy.verify == "signature"
         table = batch_to_table(batch, drop_cols=("raw", "_xh") + (() if keep_sig else ("_sig",)))
-        name = f"w{item['order']:06d}-{k:06d}.parquet"
+        name = work_file_name(item["order"], k)
         path = f"{self.work_dir}/{name}"
         tmp = f"{self.work_dir}/.{name}.tmp"
         pq.write_table(table, tmp, compression="snappy")
         os.replace(tmp, path)
         return key_rows(batch["doc_id"], batch["drop"], batch.get("_xh") if bar.exact is not None else None,
-                        batch.get("_sig"), bar.fuzzy, self.partitions, json.dumps(stats))
+                        batch.get("_sig"), bar.fuzzy, self.partitions, json.dumps(stats),
+                        work_file_id(item["order"], k))
 
     def _final(self, batch: dict[str, list], stats: dict[str, Any]):
         tok = self.tokenize
