@@ -1,7 +1,7 @@
 """Deduplication: exact (hash of normalized text) and fuzzy (MinHash + LSH), global across the dataset.
 
     from pipelines.data.dedup import word_ngram_hashes, minhash_signatures, group_decisions, fuzzy_losers
-    (run by pipelines.data.pipeline for the steps `exact_dedup` and `fuzzy_dedup`)
+    (run by pipelines.data.dedup_stage for the steps `exact_dedup` and `fuzzy_dedup`)
 
 How it runs: the segment before the dedup barrier computes, per alive document, `_xh` (hash of the
 normalized text) and `_sig` (MinHash signature), writes the documents to work Parquet files and emits
@@ -9,9 +9,11 @@ shuffle rows: (key=_xh, doc_id) for exact, (key=LSH band bucket, doc_id) per ban
 one stats row. ONE Ray Data groupby on a partition of the key (`_part` = key % P) hands each
 partition to `decide_group`, which sorts (key, doc_id) with pyarrow and, vectorised, marks every
 exact duplicate but the smallest doc_id and emits candidate pairs from buckets holding several
-documents. The driver verifies candidates (exact Jaccard of the word-n-gram sets, or the signature
-estimate) and takes connected components of verified pairs: one survivor per cluster, the smallest
-doc_id (deterministic, independent of order and partitioning). Fuzzy runs among exact survivors.
+documents. Candidates are verified (exact Jaccard of the word-n-gram sets, or the signature estimate)
+in the workers, per pair of work files (pipelines.data.dedup_stage runs the barrier; group_decisions /
+fuzzy_losers here are the small driver-side path the tests compare with), and connected components of
+verified pairs give one survivor per cluster, the smallest doc_id (deterministic, independent of order
+and partitioning). Fuzzy runs among exact survivors.
 Hashing is numpy-vectorised over the bytes of a whole batch (no Python loop per word or shingle).
 Words: runs of ASCII letters/digits and non-ASCII bytes, ASCII-lowercased. Does not: remove
 near-duplicate lines or paragraphs inside a document (gopher_repetition does).
