@@ -1,10 +1,11 @@
 """Whole data-prep pipeline throughput (wall time incl. Python + Ray start) vs bare HF `encode_batch`.
 
     .venv/bin/python bench/prep.py [--mb 64] [--repeats 3] [--variants core,clean] [--write-md]
+    .venv/bin/python bench/prep.py --mb 64 --scale 1,4,16 --variants clean [--repeats 1] [--write-md]
 
-Builds >= --mb MB of English JSONL documents from ../shared/data (books/speeches cut into ~4 KB
-documents, news and science articles as they are; cycled, each cycle's copies prefixed with
-"Copy k." so exact dedup keeps them), trains one BPE tokenizer (8192, not timed), then alternates,
+Builds --mb MB (to the next whole document) of English JSONL documents from ../shared/data
+(books/speeches cut into ~4 KB documents, news and science articles as they are; cycled, each cycle's
+copies prefixed with "Copy k." so exact dedup keeps them), trains one BPE tokenizer (8192, not timed), then alternates,
 --repeats times: (a) the peer, `tokenizers.Tokenizer.encode_batch` over the same documents with
 RAYON_NUM_THREADS=2 in a fresh process (encode time only, text already in memory), and (b) each
 pipeline variant as `raygpt prep` in a fresh process with its own local Ray (2 CPUs), timed from
@@ -14,6 +15,10 @@ process start to exit, peak RSS summed over its process tree (sampled every 50 m
           near-duplicates, so fuzzy dedup removes them: MB/s still counts input MB)
 Prints medians of MB/s, the ratio pipeline / peer, per-step throughput (from timings.json, per
 core) and peak RSS. --write-md replaces the "## Data prep" section of BENCHMARKS.md.
+--scale 1,4,16 runs every variant on corpora of 1x, 4x and 16x --mb and reports, per size, wall, MB/s
+and peak RSS per process: the driver (the `raygpt prep` process), the largest Ray worker (processes
+under the raylet) and the rest (GCS, raylet, dashboard), sampled with psutil every 50 ms; it prints
+the load averages (`uptime`) at start and end, and --write-md writes "## Data prep at scale".
 Does not: measure the cleaning steps alone (bench/steps.py does).
 """
 
@@ -23,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -76,6 +82,8 @@ def build_corpus(d: Path, target_mb: float) -> tuple[Path, int]:
                 t = f"Copy {k}. {t}" if k else t
                 f.write(json.dumps({"text": t}) + "\n")
                 size += len(t.encode())
+                if size >= target_mb * MB:  # stop mid-cycle: --mb 0.5 is a valid (tiny) size
+                    break
             k += 1
     return path, size
 
@@ -116,20 +124,74 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
+def _roles(pid: int) -> dict[int, tuple[str, int]]:
+    """pid -> (role, rss) for the prep process tree: driver, worker (a child of the raylet), other."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return {}
+    raylets = {p.pid for p in procs if _name(p) == "raylet"}
+    out = {}
+    for p in procs:
+        try:
+            role = "driver" if p.pid == pid else "worker" if p.ppid() in raylets else "other"
+            out[p.pid] = (role, p.memory_info().rss)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _name(p) -> str:
+    try:
+        return p.name()
+    except Exception:  # noqa: BLE001 - gone or not readable
+        return ""
+
+
+class RssSampler:
+    """Peak RSS of the whole tree (summed per sample) and of every single process, by role."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak_tree = pid, 0
+        self.peak: dict[int, tuple[str, int]] = {}
+
+    def sample(self) -> None:
+        now = _roles(self.pid)
+        self.peak_tree = max(self.peak_tree, sum(r for _, r in now.values()))
+        for pid, (role, rss) in now.items():
+            if rss > self.peak.get(pid, (role, 0))[1]:
+                self.peak[pid] = (role, rss)
+
+    def by_role(self) -> dict[str, int]:
+        """driver: its peak; worker: the largest single worker's peak; other: the sum of the others' peaks."""
+        out = {"driver": 0, "worker": 0, "workers": 0, "other": 0}
+        for role, rss in self.peak.values():
+            if role == "other":
+                out["other"] += rss
+            else:
+                out[role] = max(out[role], rss)
+                out["workers"] += rss if role == "worker" else 0
+        return out
+
+
 def run_pipeline(cfg: Path) -> dict:
     cmd = [sys.executable, "-m", "pipelines.cli", "prep", "--config", str(cfg), "--overwrite"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, "RAY_ADDRESS": ""})
-    peak = 0
+    sampler = RssSampler(proc.pid)
     import threading
 
     err: list[bytes] = []
     th = threading.Thread(target=lambda: err.append(proc.stderr.read()))
     th.start()
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(proc.pid))
+        sampler.sample()
         time.sleep(0.05)
+    peak = sampler.peak_tree
     wall = time.perf_counter() - t0
     th.join()
     try:
@@ -138,7 +200,7 @@ def run_pipeline(cfg: Path) -> dict:
         pass
     if proc.returncode != 0:
         raise RuntimeError(f"prep failed ({proc.returncode}):\n{err[0].decode(errors='replace')[-4000:]}")
-    return {"wall": wall, "peak_rss": peak, "stderr": err[0].decode(errors="replace")}
+    return {"wall": wall, "peak_rss": peak, "rss": sampler.by_role(), "stderr": err[0].decode(errors="replace")}
 
 
 VARIANT_STEPS = {
@@ -163,6 +225,79 @@ write: {{shard_mb: 64}}
     return cfg
 
 
+def train_tokenizer(d: Path, corpus: Path) -> Path:
+    tok_path = d / "tokenizer.json"
+    if not tok_path.exists():
+        from gptcore.tokenizer import train_bpe
+
+        docs = [json.loads(l)["text"] for _, l in zip(range(4000), corpus.open(encoding="utf-8"))]
+        train_bpe(docs, 8192).save(tok_path)
+    return tok_path
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_scale(args: argparse.Namespace, variants: list[str], d: Path) -> None:
+    """Every variant at --mb x each scale: wall, MB/s, peak RSS of driver / largest worker / the rest."""
+    scales = [float(x) for x in args.scale.split(",") if x]
+    load_start = _uptime()
+    print(f"start: {load_start}", flush=True)
+    rows = []
+    tok_path = None
+    for sc in scales:
+        sd = d / f"x{sc:g}"
+        sd.mkdir(parents=True, exist_ok=True)
+        corpus, size = build_corpus(sd, args.mb * sc)
+        tok_path = tok_path or train_tokenizer(d, corpus)
+        mbs = size / MB
+        for v in variants:
+            cfg = write_config(sd, v, corpus, tok_path)
+            rs = [run_pipeline(cfg) for _ in range(args.repeats)]
+            wall = statistics.median(r["wall"] for r in rs)
+            rss = {k: statistics.median(r["rss"][k] for r in rs) / MB for k in rs[0]["rss"]}
+            tree = statistics.median(r["peak_rss"] for r in rs) / MB
+            rows.append({"scale": sc, "mb": mbs, "variant": v, "wall": wall, "mb_s": mbs / wall, "tree": tree, **rss})
+            print(f"x{sc:g} ({mbs:.1f} MB) {v}: {wall:.1f}s wall, {mbs / wall:.2f} MB/s, peak RSS MiB: driver "
+                  f"{rss['driver']:.0f}, largest worker {rss['worker']:.0f}, all workers {rss['workers']:.0f}, "
+                  f"other Ray {rss['other']:.0f}, whole tree {tree:.0f}", flush=True)
+        shutil.rmtree(sd, ignore_errors=True)
+    load_end = _uptime()
+    print(f"end: {load_end}", flush=True)
+    for v in variants:
+        vr = [r for r in rows if r["variant"] == v]
+        if len(vr) > 1:
+            print(f"{v}: driver peak x{vr[-1]['scale']:g}/x{vr[0]['scale']:g} = {vr[-1]['driver'] / vr[0]['driver']:.2f}, "
+                  f"largest worker {vr[-1]['worker'] / vr[0]['worker']:.2f}, tree {vr[-1]['tree'] / vr[0]['tree']:.2f}; "
+                  f"MB/s x{vr[-1]['scale']:g}/x{vr[-2]['scale']:g} = {vr[-1]['mb_s'] / vr[-2]['mb_s']:.2f}")
+    if args.write_md:
+        argv = re.sub(r"\s*--workdir\s+\S+", "", " ".join(sys.argv[1:]))
+        write_scale_md(rows, argv, load_start, load_end)
+
+
+def write_scale_md(rows: list[dict], argv: str, load_start: str, load_end: str) -> None:
+    path = REPO / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    table = ["| variant | input MB | wall s | MB/s | driver MiB | largest worker MiB | all workers MiB | "
+             "other Ray MiB | tree MiB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        table.append(f"| `{r['variant']}` | {r['mb']:.0f} | {r['wall']:.1f} | {r['mb_s']:.2f} | {r['driver']:.0f} | "
+                     f"{r['worker']:.0f} | {r['workers']:.0f} | {r['other']:.0f} | {r['tree']:.0f} |")
+    section = "\n".join([
+        "## Data prep at scale", "",
+        f"Command: `.venv/bin/python bench/prep.py {argv}`. Peak RSS per process sampled with psutil every 50 ms "
+        "(driver = the `raygpt prep` process; workers = the raylet's children; other = GCS, raylet, dashboard). "
+        f"Load at start: `{load_start}`; at end: `{load_end}`.", "", *table, ""])
+    pat = re.compile(r"^## Data prep at scale\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pat.sub(section + "\n", text) if pat.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+    print(f"updated {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=64.0)
@@ -170,17 +305,16 @@ def main() -> None:
     ap.add_argument("--variants", default="core,clean")
     ap.add_argument("--workdir", default="")
     ap.add_argument("--write-md", action="store_true")
+    ap.add_argument("--scale", default="", help="multiples of --mb, e.g. 1,4,16: memory and MB/s as the input grows")
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     d = Path(args.workdir or tempfile.mkdtemp(prefix="raygpt-bench-prep-"))
     d.mkdir(parents=True, exist_ok=True)
+    if args.scale:
+        run_scale(args, variants, d)
+        return
     corpus, size = build_corpus(d, args.mb)
-    tok_path = d / "tokenizer.json"
-    if not tok_path.exists():
-        from gptcore.tokenizer import train_bpe
-
-        docs = [json.loads(l)["text"] for _, l in zip(range(4000), corpus.open(encoding="utf-8"))]
-        train_bpe(docs, 8192).save(tok_path)
+    tok_path = train_tokenizer(d, corpus)
     cfgs = {v: write_config(d, v, corpus, tok_path) for v in variants}
     mbs = size / MB
     print(f"corpus: {mbs:.1f} MB of English text ({corpus}), tokenizer BPE 8192", flush=True)

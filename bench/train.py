@@ -1,6 +1,6 @@
 """Training throughput and time-to-loss: `raygpt train` (Ray Train + DeepSpeed) vs a plain PyTorch loop.
 
-    .venv/bin/python bench/train.py --prepare-data          # runs/data/shakespeare-char-64 (nanoGPT's split)
+    .venv/bin/python bench/train.py --prepare-data          # runs/data/shakespeare-char (raygpt prep, nanoGPT's split)
     .venv/bin/python bench/train.py a [--repeats 3]         # (a) 1 worker vs the plain loop, tokens/s (300 iters)
     .venv/bin/python bench/train.py a --nanogpt DIR         # ... and nanoGPT's own train.py (a checkout in DIR)
     .venv/bin/python bench/train.py a-sliced --nanogpt DIR [--rounds 16 --window 2]
@@ -48,7 +48,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RAYGPT_SHARED_DATA", REPO.parent / "shared" / "data"))
-DATA = REPO / "runs" / "data" / "shakespeare-char-64"
+DATA = REPO / "runs" / "data" / "shakespeare-char"
+PREP = REPO / "jobs" / "configs" / "prep-shakespeare-char.yaml"
 RUNS = REPO / "runs" / "bench" / "train"
 RECIPE = REPO / "jobs" / "configs" / "train-shakespeare-char.yaml"
 FAST = REPO / "jobs" / "configs" / "train-shakespeare-char-fast.yaml"
@@ -59,44 +60,31 @@ sys.path.insert(0, str(REPO))
 
 
 def prepare_data(out: Path = DATA, block_size: int = 64) -> Path:
-    """Write nanoGPT's split of Tiny Shakespeare in the raygpt token-dataset format (manifest last)."""
+    """nanoGPT's split of Tiny Shakespeare in the raygpt token-dataset format: `raygpt prep` with
+    jobs/configs/prep-shakespeare-char.yaml (first 90% of the text train, last 10% val, 65 characters),
+    plus the two token streams the plain loop samples its random windows from."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from gptcore.tokenizer import train_char
-    from pipelines.data.manifest import load_manifest, sha256_file, write_manifest
+    from gptcore.tokenizer import Tokenizer
+    from pipelines.config import load_config
+    from pipelines.data import PrepConfig, run
 
+    overrides = [f"output={out}", f"pack.block_size={block_size}", "progress=false"]
+    if os.environ.get("RAYGPT_SHARED_DATA"):  # else the config's ../shared/data path, as `raygpt prep` reads it
+        overrides.append(f"inputs=[{{path: {SHARED / 'tinyshakespeare' / 'input.txt'}}}]")
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the config's relative paths are written for the repository root
     try:
-        return Path(load_manifest(out)["root"])
-    except Exception:  # noqa: BLE001 - not there yet: write it
-        pass
-    text = (SHARED / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-    tok = train_char([text])  # 65 characters, no special tokens (nanoGPT's vocabulary)
-    ids = np.array(tok.encode(text), dtype=np.int32)
-    n = len(ids)
-    out.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, arr in (("train", ids[: int(n * 0.9)]), ("val", ids[int(n * 0.9):])):
-        rows = (len(arr) - 1) // block_size
-        win = np.stack([arr[i * block_size: i * block_size + block_size + 1] for i in range(rows)])
-        w = block_size + 1
-        off = pa.array(np.arange(0, rows * w + 1, w, dtype=np.int32))
-        table = pa.table({"input_ids": pa.ListArray.from_arrays(off, pa.array(win.reshape(-1), pa.int32())),
-                          "doc_ids": pa.ListArray.from_arrays(off, pa.array(np.zeros(rows * w, np.int32)))})
-        (out / split).mkdir(exist_ok=True)
-        p = out / split / "part-00000.parquet"
-        pq.write_table(table, p)
-        splits[split] = {"rows": rows, "tokens": int(win.size), "shards": [
-            {"path": f"{split}/part-00000.parquet", "rows": rows, "bytes": p.stat().st_size, "sha256": sha256_file(p)}]}
-    tok.save(out / "tokenizer.json")
-    np.save(out / "stream_train.npy", ids[: int(n * 0.9)])  # for the plain loop's random windows
-    np.save(out / "stream_val.npy", ids[int(n * 0.9):])
-    write_manifest(out, {"kind": "pretrain", "tokenizer_id": tok.id, "vocab_size": tok.vocab_size, "eos_id": None,
-                         "block_size": block_size, "splits": splits, "ledger": [],
-                         "config": {"source": "tinyshakespeare/input.txt", "split": "first 90% train, last 10% val",
-                                    "stride": block_size, "writer": "bench/train.py"},
-                         "code_version": "bench", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        cfg = load_config(PrepConfig, PREP, overrides)
+        m = run(cfg)  # reuses a complete output made with the same config
+    finally:
+        os.chdir(cwd)
+    if not (out / "stream_val.npy").exists():
+        text = (SHARED / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+        cut = int(len(text) * (1 - cfg.pack.val_fraction))
+        tok = Tokenizer.load(Path(m["root"]) / "tokenizer.json")
+        np.save(out / "stream_train.npy", np.array(tok.encode(text[:cut]), dtype=np.int32))  # plain loop's windows
+        np.save(out / "stream_val.npy", np.array(tok.encode(text[cut:]), dtype=np.int32))
     return out
 
 

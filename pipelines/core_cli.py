@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipelines import console
-from pipelines.cli import UserError
+from pipelines.errors import UserError
 
 log = console.get_logger()
 

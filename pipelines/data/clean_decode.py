@@ -110,6 +110,44 @@ def _try_decode(data: bytes, enc: str, cfg: DecodeConfig) -> str | None:
     return text if bad <= 2 + cfg.max_replacement_ratio * len(text) else None
 
 
+def _detect(data: bytes, cfg: DecodeConfig) -> tuple[str, str] | None:
+    """Statistical detection on a prefix, then decode everything with the winner (None: nothing fits)."""
+    try:
+        from charset_normalizer import from_bytes
+
+        matches = list(from_bytes(data[: cfg.detect_max_bytes], threshold=cfg.max_chaos,
+                                  cp_isolation=list(cfg.detect_candidates) or None))
+    except Exception:  # the detector must never take the pipeline down
+        matches = []
+    if matches:
+        # Short texts with a few accented letters fit many code pages about equally well. Among
+        # the near-best candidates prefer the one whose non-ASCII characters inside words are
+        # letters (a wrong page turns "ä" into "‰"), then the more common encoding.
+        rank = {_codec_name(e): k for k, e in enumerate(cfg.detect_candidates)}
+        near = [(str(m), m.chaos, m.coherence, m.could_be_from_charset or [m.encoding])
+                for m in matches if m.chaos <= matches[0].chaos + 0.05]
+        if cfg.detect_candidates and _codec_name(cfg.detect_candidates[0]) not in {
+                _codec_name(e) for *_, encs in near for e in encs}:
+            # the most common page always competes (the mess detector can reject it for a few symbols)
+            alt = _try_decode(data[: cfg.detect_max_bytes], cfg.detect_candidates[0], cfg)
+            if alt is not None:
+                near.append((alt, cfg.max_chaos, 0.0, [cfg.detect_candidates[0]]))
+        scored = []
+        for sample, chaos, coherence, encs in near:
+            head = sample[:20000]
+            odd = sum(1 for c in _IN_WORD_NON_ASCII.findall(head) if not _latin_letter(c))
+            odd = round(odd / max(1, len(head) - len(head.encode("ascii", "ignore"))), 1)
+            for enc in encs:
+                scored.append((odd, round(chaos, 2), -round(coherence, 1),
+                               rank.get(_codec_name(enc), len(rank)), enc))
+        scored.sort()
+        for *_, enc in scored + [(0, 0, 0, 0, m.encoding) for m in matches]:
+            text = _try_decode(data, enc, cfg)
+            if text is not None:
+                return text, _codec_name(enc) or enc
+    return None
+
+
 def decode_bytes(data: bytes, cfg: DecodeConfig = DecodeConfig()) -> tuple[str | None, str]:
     """bytes -> (text, encoding) or (None, reason) with reason in {"binary", "undecodable"}.
     Never raises on any input."""
@@ -174,39 +212,9 @@ def decode_bytes(data: bytes, cfg: DecodeConfig = DecodeConfig()) -> tuple[str |
             return text, _codec_name(enc) or enc
     # 6. statistical detection on a prefix, then decode everything with the winner
     if cfg.detect:
-        try:
-            from charset_normalizer import from_bytes
-
-            matches = list(from_bytes(data[: cfg.detect_max_bytes], threshold=cfg.max_chaos,
-                                      cp_isolation=list(cfg.detect_candidates) or None))
-        except Exception:  # the detector must never take the pipeline down
-            matches = []
-        if matches:
-            # Short texts with a few accented letters fit many code pages about equally well. Among
-            # the near-best candidates prefer the one whose non-ASCII characters inside words are
-            # letters (a wrong page turns "ä" into "‰"), then the more common encoding.
-            rank = {_codec_name(e): k for k, e in enumerate(cfg.detect_candidates)}
-            near = [(str(m), m.chaos, m.coherence, m.could_be_from_charset or [m.encoding])
-                    for m in matches if m.chaos <= matches[0].chaos + 0.05]
-            if cfg.detect_candidates and _codec_name(cfg.detect_candidates[0]) not in {
-                    _codec_name(e) for *_, encs in near for e in encs}:
-                # the most common page always competes (the mess detector can reject it for a few symbols)
-                alt = _try_decode(data[: cfg.detect_max_bytes], cfg.detect_candidates[0], cfg)
-                if alt is not None:
-                    near.append((alt, cfg.max_chaos, 0.0, [cfg.detect_candidates[0]]))
-            scored = []
-            for sample, chaos, coherence, encs in near:
-                head = sample[:20000]
-                odd = sum(1 for c in _IN_WORD_NON_ASCII.findall(head) if not _latin_letter(c))
-                odd = round(odd / max(1, len(head) - len(head.encode("ascii", "ignore"))), 1)
-                for enc in encs:
-                    scored.append((odd, round(chaos, 2), -round(coherence, 1),
-                                   rank.get(_codec_name(enc), len(rank)), enc))
-            scored.sort()
-            for *_, enc in scored + [(0, 0, 0, 0, m.encoding) for m in matches]:
-                text = _try_decode(data, enc, cfg)
-                if text is not None:
-                    return text, _codec_name(enc) or enc
+        found = _detect(data, cfg)
+        if found is not None:
+            return found
     if cfg.fallback:
         return data.decode(cfg.fallback, "replace"), _codec_name(cfg.fallback) or cfg.fallback
     return None, "undecodable"

@@ -11,14 +11,18 @@ decontaminate. Does not: run anything (pipelines.data.pipeline.run does).
 
 from __future__ import annotations
 
-from pipelines.errors import UserError
-
 import dataclasses
 import re
+import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, from_dict, to_dict
+from pipelines.data.steps import STEP_REGISTRY, build_step
+from pipelines.data.step_configs import DecontamConfig, ExactDedupConfig, FuzzyDedupConfig
+from pipelines.errors import UserError
+
+OWN_STEP_CONFIGS = {"exact_dedup": ExactDedupConfig, "fuzzy_dedup": FuzzyDedupConfig, "decontaminate": DecontamConfig}
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "csv")
 TEXT_MODES = ("file", "line", "paragraph")
@@ -120,8 +124,12 @@ class TokenizerSpec:
 @dataclass
 class PackSpec:
     block_size: int = 256  # rows hold block_size + 1 tokens (inputs + shifted targets)
-    val_fraction: float = 0.05  # share of documents sent to val, by a hash of the document text
-    split_seed: int = 0  # changes which documents land in val
+    val_fraction: float = 0.05  # share sent to val: of the documents (split_by=document) or of each one's text
+    split_seed: int = 0  # changes which documents land in val (split_by=document)
+    # document: a document goes to val when a keyed hash of its text falls below val_fraction;
+    # position: the last val_fraction of every document's characters goes to val, the rest to train
+    # (nanoGPT's 90/10 split of one long text; pretraining only)
+    split_by: Literal["document", "position"] = "document"
 
     def __post_init__(self) -> None:
         if not 1 <= self.block_size <= 1_048_576:
@@ -165,8 +173,6 @@ class _AnyField(dict):
 
 def template_fields(tpl: str) -> list[str]:
     """Names of the {field} placeholders in a str.format template, in order."""
-    import string
-
     return [f for _, f, _, _ in string.Formatter().parse(tpl) if f]
 
 
@@ -226,6 +232,9 @@ class PrepConfig:
                 if missing:
                     _fail(f"inputs[{j}].fields", f"a list containing the template fields {sorted(needed)}",
                           inp.fields, f"add {missing} (kind=sft renders records through sft.*_template)")
+        if self.kind == "sft" and self.pack.split_by == "position":
+            _fail("pack.split_by", "'document' for kind=sft (an example is never cut in two)", self.pack.split_by,
+                  "use pack.split_by=document")
         if any(inp.encoding == "raw" for inp in self.inputs) and not any(s.name == "decode" for s in self.steps):
             _fail("steps", "to contain a 'decode' step when an input has encoding=raw",
                   [s.name for s in self.steps], "add {name: decode} first or use encoding: utf-8")
@@ -233,29 +242,18 @@ class PrepConfig:
 
 def validate_step(st: StepSpec, index: int) -> None:
     """Check a step's name and params now, so a typo fails before Ray starts."""
-    if st.name == "exact_dedup":
-        from pipelines.data.dedup import ExactDedupConfig as cls
-    elif st.name == "fuzzy_dedup":
-        from pipelines.data.dedup import FuzzyDedupConfig as cls
-    elif st.name == "decontaminate":
-        from pipelines.data.decontam import DecontamConfig as cls
-    else:
-        try:
-            from pipelines.data import steps as steps_mod
-        except ImportError:  # the cleaning steps module is absent: only our own steps are known
-            raise ConfigError(f"steps[{index}].name: unknown step {st.name!r}; known steps: {list(OWN_STEPS)}") from None
-        if st.name not in steps_mod.STEP_REGISTRY:
-            known = sorted(set(steps_mod.STEP_REGISTRY) | set(OWN_STEPS))
+    cls = OWN_STEP_CONFIGS.get(st.name)
+    if cls is None:
+        if st.name not in STEP_REGISTRY:
+            known = sorted(set(STEP_REGISTRY) | set(OWN_STEPS))
             raise ConfigError(f"steps[{index}].name: unknown step {st.name!r}; known steps: {known}")
         try:
-            steps_mod.build_step(st.name, dict(st.params))
+            build_step(st.name, dict(st.params))
         except ConfigError as e:
             raise ConfigError(f"steps[{index}] ({st.name}): {e}") from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"steps[{index}] ({st.name}): bad params {st.params!r}: {e}") from None
         return
-    from pipelines.config import from_dict
-
     try:
         from_dict(cls, dict(st.params), prefix=f"steps[{index}].params.")
     except ConfigError:
@@ -266,11 +264,11 @@ def validate_step(st: StepSpec, index: int) -> None:
 
 def content_config(cfg: PrepConfig) -> dict:
     """The config as recorded in the manifest: everything that shapes the data, nothing about where/how."""
-    from pipelines.config import to_dict
-
     d = to_dict(cfg)
     for k in RUNTIME_FIELDS:
         d.pop(k, None)
+    if d.get("pack", {}).get("split_by") == "document":  # the default: datasets made before it keep their hash
+        d["pack"].pop("split_by")
     for inp in d.get("inputs", []):
         # storage options can hold credentials: record only which keys were set
         inp["storage_options"] = sorted(inp.get("storage_options") or {})

@@ -14,46 +14,20 @@ remove only the overlapping span (the whole document goes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from pipelines.config import ConfigError
+from pipelines.data.config import InputSpec, PrepError, ReadSpec
+from pipelines.data.dedup import word_ngram_hashes
+from pipelines.data.read import ReadTask, detect_format, list_files, read_task
+from pipelines.data.step_configs import DecontamConfig, EvalSetSpec
 
-
-@dataclass
-class EvalSetSpec:
-    path: str = ""  # path, glob or fsspec URL
-    fields: list[str] = field(default_factory=lambda: ["text"])  # JSONL/Parquet/CSV fields; text files: whole file
-    storage_options: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.path:
-            raise ConfigError("decontaminate.eval_sets[].path: must be a path/glob/URL, got ''; "
-                              "e.g. {path: ../shared/data/cnndm-frank/*.jsonl, fields: [article, summary]}")
-        if not self.fields:
-            raise ConfigError("decontaminate.eval_sets[].fields: must name at least one field, got []")
-
-
-@dataclass
-class DecontamConfig:
-    eval_sets: list[EvalSetSpec] = field(default_factory=list)
-    ngram_size: int = 13
-
-    def __post_init__(self) -> None:
-        if not self.eval_sets:
-            raise ConfigError("decontaminate.eval_sets: must list at least one eval set, got []; e.g. "
-                              "eval_sets: [{path: ../shared/data/cnndm-frank/*.jsonl, fields: [article, summary]}]")
-        if self.ngram_size < 1:
-            raise ConfigError(f"decontaminate.ngram_size: must be >= 1, got {self.ngram_size}; e.g. 13")
+__all__ = ["DecontamConfig", "Decontaminate", "EvalSetSpec", "build_eval_hashes", "eval_texts"]
 
 
 def eval_texts(spec: EvalSetSpec) -> list[str]:
     """All texts of one eval set (each listed field of each record is one text)."""
-    from pipelines.data.config import InputSpec, PrepError, ReadSpec
-    from pipelines.data.read import detect_format, list_files, read_task, ReadTask
-
     inp = InputSpec(path=spec.path, fields=list(spec.fields), storage_options=dict(spec.storage_options))
     uris = list_files(inp, 0)
     if not uris:
@@ -78,8 +52,6 @@ def eval_texts(spec: EvalSetSpec) -> list[str]:
 
 
 def build_eval_hashes(cfg: DecontamConfig) -> tuple[np.ndarray, dict[str, int]]:
-    from pipelines.data.dedup import word_ngram_hashes
-
     arrays, info = [], {}
     for spec in cfg.eval_sets:
         texts = eval_texts(spec)
@@ -120,8 +92,6 @@ class Decontaminate:
         return self._hashes
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        from pipelines.data.dedup import word_ngram_hashes
-
         drops = list(batch["drop"])
         alive = [i for i, d in enumerate(drops) if not d]
         table = self._table()

@@ -1,7 +1,7 @@
 """Deduplication: exact (hash of normalized text) and fuzzy (MinHash + LSH), global across the dataset.
 
     from pipelines.data.dedup import word_ngram_hashes, minhash_signatures, group_decisions, fuzzy_losers
-    (run by pipelines.data.pipeline for the steps `exact_dedup` and `fuzzy_dedup`)
+    (run by pipelines.data.dedup_stage for the steps `exact_dedup` and `fuzzy_dedup`)
 
 How it runs: the segment before the dedup barrier computes, per alive document, `_xh` (hash of the
 normalized text) and `_sig` (MinHash signature), writes the documents to work Parquet files and emits
@@ -9,9 +9,11 @@ shuffle rows: (key=_xh, doc_id) for exact, (key=LSH band bucket, doc_id) per ban
 one stats row. ONE Ray Data groupby on a partition of the key (`_part` = key % P) hands each
 partition to `decide_group`, which sorts (key, doc_id) with pyarrow and, vectorised, marks every
 exact duplicate but the smallest doc_id and emits candidate pairs from buckets holding several
-documents. The driver verifies candidates (exact Jaccard of the word-n-gram sets, or the signature
-estimate) and takes connected components of verified pairs: one survivor per cluster, the smallest
-doc_id (deterministic, independent of order and partitioning). Fuzzy runs among exact survivors.
+documents. Candidates are verified (exact Jaccard of the word-n-gram sets, or the signature estimate)
+in the workers, per pair of work files (pipelines.data.dedup_stage runs the barrier; group_decisions /
+fuzzy_losers here are the small driver-side path the tests compare with), and connected components of
+verified pairs give one survivor per cluster, the smallest doc_id (deterministic, independent of order
+and partitioning). Fuzzy runs among exact survivors.
 Hashing is numpy-vectorised over the bytes of a whole batch (no Python loop per word or shingle).
 Words: runs of ASCII letters/digits and non-ASCII bytes, ASCII-lowercased. Does not: remove
 near-duplicate lines or paragraphs inside a document (gopher_repetition does).
@@ -21,44 +23,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from pipelines.config import ConfigError
+from pipelines.data.step_configs import ExactDedupConfig, FuzzyDedupConfig  # noqa: F401 - also re-exported
 
 U64 = np.uint64
 _MASK64 = (1 << 64) - 1
-
-
-# ----------------------------------------------------------------------------------------------- configs
-
-@dataclass
-class ExactDedupConfig:
-    lowercase: bool = True
-    collapse_whitespace: bool = True
-
-
-@dataclass
-class FuzzyDedupConfig:
-    ngram_size: int = 5  # shingles are word n-grams
-    num_perm: int = 128
-    bands: int = 20
-    rows: int = 6  # bands * rows <= num_perm; candidate threshold ~ (1/bands)^(1/rows)
-    threshold: float = 0.8  # Jaccard at/above which two documents are near-duplicates
-    verify: Literal["exact", "signature"] = "exact"  # exact Jaccard of the shingle sets, or MinHash estimate
-    seed: int = 1
-    max_bucket: int = 5000  # bigger buckets (boilerplate) only pair their smallest member with the rest
-
-    def __post_init__(self) -> None:
-        for k in ("ngram_size", "num_perm", "bands", "rows"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"fuzzy_dedup.{k}: must be >= 1, got {getattr(self, k)!r}")
-        if self.bands * self.rows > self.num_perm:
-            raise ConfigError(f"fuzzy_dedup: bands*rows must be <= num_perm, got {self.bands}*{self.rows} > "
-                              f"{self.num_perm}; lower bands/rows or raise num_perm")
-        if not 0.0 < self.threshold <= 1.0:
-            raise ConfigError(f"fuzzy_dedup.threshold: must be in (0, 1], got {self.threshold!r}; e.g. 0.8")
 
 
 # ----------------------------------------------------------------------------------------------- hashing
@@ -264,9 +236,10 @@ KIND_EXACT, KIND_BAND, KIND_STATS = 0, 1, 2
 
 
 def key_rows(doc_ids: list[str], drops: list[str], xh: np.ndarray | None, sig: np.ndarray | None,
-             fuzzy: FuzzyDedupConfig | None, partitions: int, stats_json: str):
-    """The shuffle input for one batch: (key, doc_id, kind, _part) rows. Exact rows carry the text hash,
-    band rows one LSH bucket key per (document, band); one stats row rides along to the driver."""
+             fuzzy: FuzzyDedupConfig | None, partitions: int, stats_json: str, file_id: int = -1):
+    """The shuffle input for one batch: (key, doc_id, kind, file, _part) rows. Exact rows carry the text hash,
+    band rows one LSH bucket key per (document, band); one stats row rides along to the driver. `file` is
+    the work file holding the batch (work_file_id; -1: none), so verification can read just that file."""
     import pyarrow as pa
 
     alive = np.array([not d for d in drops], dtype=bool)
@@ -290,6 +263,7 @@ def key_rows(doc_ids: list[str], drops: list[str], xh: np.ndarray | None, sig: n
     return pa.table({"key": pa.array(key, pa.uint64()),
                      "doc_id": pa.array(np.concatenate(rid).tolist(), pa.string()),
                      "kind": pa.array(np.concatenate(kinds), pa.int8()),
+                     "file": pa.array(np.full(key.size, file_id, np.int64)),
                      "_part": pa.array((key % U64(partitions)).astype(np.int64))})
 
 
@@ -301,12 +275,16 @@ def decide_group(tbl, max_bucket: int = 5000):
     import pyarrow.compute as pc
 
     kind = tbl.column("kind").to_numpy()
-    out_k, out_a, out_b = [], [], []
+    if "file" not in tbl.column_names:
+        tbl = tbl.append_column("file", pa.array(np.full(tbl.num_rows, -1, np.int64)))
+    out_k, out_a, out_b, out_fa, out_fb = [], [], [], [], []
     st = tbl.filter(pa.array(kind == KIND_STATS))
     if st.num_rows:
         out_a.append(st.column("doc_id").to_numpy(zero_copy_only=False))
         out_b.append(np.full(st.num_rows, "", dtype=object))
         out_k.append(np.full(st.num_rows, KIND_STATS, np.int8))
+        out_fa.append(np.full(st.num_rows, -1, np.int64))
+        out_fb.append(np.full(st.num_rows, -1, np.int64))
     for kd in (KIND_EXACT, KIND_BAND):
         t = tbl.filter(pa.array(kind == kd))
         if t.num_rows < 2:
@@ -314,6 +292,7 @@ def decide_group(tbl, max_bucket: int = 5000):
         t = t.take(pc.sort_indices(t, sort_keys=[("key", "ascending"), ("doc_id", "ascending")]))
         k = t.column("key").to_numpy()
         ids = t.column("doc_id").to_numpy(zero_copy_only=False)
+        fid = t.column("file").to_numpy()
         newrun = np.concatenate(([True], k[1:] != k[:-1]))
         run_id = np.cumsum(newrun) - 1
         run_start = np.flatnonzero(newrun)
@@ -325,23 +304,35 @@ def decide_group(tbl, max_bucket: int = 5000):
             out_a.append(lose)
             out_b.append(np.full(lose.size, "", dtype=object))
             out_k.append(np.full(lose.size, KIND_EXACT, np.int8))
+            out_fa.append(fid[member])
+            out_fb.append(np.full(lose.size, -1, np.int64))
             continue
-        a = ids[run_start[run_id[member]]]
-        b = ids[member]
+        first = run_start[run_id[member]]
         chain = member & (pos > 1) & (run_len[run_id] <= max_bucket)
         ci = np.flatnonzero(chain)
-        a = np.concatenate([a, ids[ci - 1]])
-        b = np.concatenate([b, ids[ci]])
-        diff = a != b  # a document repeated inside one bucket (cannot happen; be safe)
-        out_a.append(a[diff])
-        out_b.append(b[diff])
+        ia = np.concatenate([first, ci - 1])
+        ib = np.concatenate([np.flatnonzero(member), ci])
+        diff = ids[ia] != ids[ib]  # a document repeated inside one bucket (cannot happen; be safe)
+        out_a.append(ids[ia][diff])
+        out_b.append(ids[ib][diff])
         out_k.append(np.full(int(diff.sum()), KIND_BAND, np.int8))
+        out_fa.append(fid[ia][diff])
+        out_fb.append(fid[ib][diff])
+    return _decision_table(out_k, out_a, out_b, out_fa, out_fb)
+
+
+def _decision_table(out_k, out_a, out_b, out_fa, out_fb):
+    import pyarrow as pa
+
     if not out_k:
         return pa.table({"kind": pa.array([], pa.int8()), "a": pa.array([], pa.string()),
-                         "b": pa.array([], pa.string())})
+                         "b": pa.array([], pa.string()), "fa": pa.array([], pa.int64()),
+                         "fb": pa.array([], pa.int64())})
     return pa.table({"kind": pa.array(np.concatenate(out_k), pa.int8()),
                      "a": pa.array(np.concatenate(out_a).tolist(), pa.string()),
-                     "b": pa.array(np.concatenate(out_b).tolist(), pa.string())})
+                     "b": pa.array(np.concatenate(out_b).tolist(), pa.string()),
+                     "fa": pa.array(np.concatenate(out_fa).astype(np.int64)),
+                     "fb": pa.array(np.concatenate(out_fb).astype(np.int64))})
 
 
 def group_decisions(key_ds, partitions: int, max_bucket: int = 5000):
@@ -487,7 +478,9 @@ class Signatures:
 
 
 class ApplyLosers:
-    """After the barrier: mark the documents chosen by the global decision as dropped."""
+    """After the barrier: mark the documents chosen by the global decision as dropped. With a losers_ref
+    (object ref or list) every task gets all losers; with None each task binds the losers of the work
+    file it reads (bind_item: item["losers"][name]), so no process holds more than one file's losers."""
 
     def __init__(self, name: str, reason: str, losers_ref: Any):
         self.name, self.reason, self._ref = name, reason, losers_ref
@@ -495,6 +488,10 @@ class ApplyLosers:
 
     def __getstate__(self):
         return {"name": self.name, "reason": self.reason, "_ref": self._ref, "_set": None}
+
+    def bind_item(self, item: dict[str, Any]) -> None:
+        if self._ref is None:
+            self._set = set(item.get("losers", {}).get(self.name, ()))
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         if self._set is None:

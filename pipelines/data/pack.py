@@ -9,7 +9,9 @@ into windows of block_size+1 tokens with stride block_size (consecutive windows 
 every next-token transition is trained exactly once); `doc_ids` numbers the documents inside each
 window from 0 so training can mask attention across documents. The tail shorter than a window is
 dropped and counted. Train/val: a document goes to val when a keyed blake2b hash of its text falls
-below val_fraction (deterministic, independent of order and of the number of workers).
+below val_fraction (deterministic, independent of order and of the number of workers); with
+split_by=position every document is cut instead: its first 1 - val_fraction of characters go to train,
+the rest to val (nanoGPT's split of one long text), each part encoded on its own.
 SFT (the choice made here): mode "pad" (default) puts one example per row, prompt then completion,
 padded with EOS to block_size+1 (pad: loss_mask 0, doc_ids 1) or shortened by cutting the end of the
 longest prompt field (template text is kept); loss_mask is 0 on prompt tokens and 1 on completion
@@ -129,11 +131,12 @@ class Tokenize:
     name = "tokenize"
 
     def __init__(self, tokenizer_json: Any, kind: str, block_size: int, val_fraction: float, split_seed: int,
-                 sft: SFTSpec | None = None, num_threads: int | None = None):
+                 sft: SFTSpec | None = None, num_threads: int | None = None, split_by: str = "document"):
         self._json = tokenizer_json
         self.kind, self.block_size = kind, block_size
         self.val_fraction, self.split_seed, self.sft = val_fraction, split_seed, sft
         self.num_threads = num_threads
+        self.split_by = split_by
 
     def _tok(self):
         j = self._json
@@ -153,6 +156,8 @@ class Tokenize:
         if self.kind == "sft":
             lists, masks = self._sft(tok, batch, alive, drops)
             arrs = [np.asarray(x, dtype=np.int32) for x in lists]
+        elif self.split_by == "position":
+            arrs, cuts = self._encode_by_position(tok, [batch["text"][i] for i in alive], alive, drops)
         else:
             arrs = self._encode_arrays(tok, [batch["text"][i] for i in alive], alive, drops)
         empty = np.zeros(0, np.int32)
@@ -173,7 +178,9 @@ class Tokenize:
         if still:
             is_val[still] = split_is_val([batch["text"][i] for i in still], self.val_fraction, self.split_seed)
         eos = tok.eos_id if self.kind == "pretrain" else None
-        if eos is not None:  # pretraining: EOS after every document
+        if self.split_by == "position":  # (train part [EOS], val part [EOS]); _cut: tokens that go to train
+            out["_cut"] = self._join_parts(full, arrs, cuts, alive, still, eos)
+        elif eos is not None:  # pretraining: EOS after every document
             eos_arr = np.array([eos], np.int32)
             for i in still:
                 full[i] = np.concatenate([full[i], eos_arr])
@@ -185,6 +192,33 @@ class Tokenize:
         if full_masks is not None:
             out["_mask"] = np.concatenate(full_masks) if n else empty.astype(np.int8)
         out["_val"] = is_val
+        return out
+
+    def _encode_by_position(self, tok, texts: list[str], alive: list[int], drops: list[str]):
+        """Each text cut at int(len * (1 - val_fraction)) characters (nanoGPT: data[:int(n*0.9)]); both parts
+        encoded. Returns (ids of the whole row (train part then val part), train token count per row)."""
+        cut_chars = [int(len(t) * (1.0 - self.val_fraction)) for t in texts]
+        parts = self._encode_arrays(tok, [t[:c] for t, c in zip(texts, cut_chars)] +
+                                    [t[c:] for t, c in zip(texts, cut_chars)], alive + alive, drops)
+        n = len(texts)
+        arrs = [np.concatenate([parts[k], parts[n + k]]) for k in range(n)]
+        return arrs, [int(parts[k].size) for k in range(n)]
+
+    @staticmethod
+    def _join_parts(full: list[np.ndarray], arrs: list[np.ndarray], cuts: list[int], alive: list[int],
+                    still: list[int], eos: int | None) -> np.ndarray:
+        """Rows become train part [+EOS] then val part [+EOS] (an empty part gets no EOS); returns the
+        number of leading tokens of each row that go to train."""
+        out = np.zeros(len(full), dtype=np.int64)
+        pos = {i: k for k, i in enumerate(alive)}
+        tail = [] if eos is None else [eos]
+        for i in still:
+            a, c = arrs[pos[i]], cuts[pos[i]]
+            tr, va = a[:c], a[c:]
+            tr = np.concatenate([tr, np.array(tail, np.int32)]) if tr.size else tr
+            va = np.concatenate([va, np.array(tail, np.int32)]) if va.size else va
+            full[i] = np.concatenate([tr, va]).astype(np.int32, copy=False)
+            out[i] = tr.size
         return out
 
     def _encode_arrays(self, tok, texts: list[str], alive: list[int], drops: list[str]) -> list[np.ndarray]:

@@ -28,6 +28,7 @@ import fsspec
 from fsspec.utils import infer_compression
 
 from pipelines.data.config import InputSpec, PrepError, ReadSpec
+from pipelines.runtime import is_local
 
 TEXT_EXT = {".txt", ".text", ".md", ".rst", ""}
 JSONL_EXT = {".jsonl", ".ndjson", ".json"}
@@ -87,14 +88,9 @@ def _open_fs(spec: InputSpec) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def canonical_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    if _is_local(fs):
+    if is_local(fs):
         return os.path.abspath(path)
     return fs.unstrip_protocol(path)
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protos or "local" in protos
 
 
 def list_files(spec: InputSpec, index: int) -> list[str]:
@@ -131,9 +127,9 @@ def plan_reads(inputs: list[InputSpec], read: ReadSpec) -> list[ReadTask]:
         for uri in uris:
             fmt = detect_format(uri, spec.format)
             mode = spec.text_mode if fmt == "text" else ("line" if fmt == "jsonl" else "file")
-            splittable = (_is_local(fs) and infer_compression(uri) is None and mode in ("line", "paragraph"))
+            splittable = (is_local(fs) and infer_compression(uri) is None and mode in ("line", "paragraph"))
             try:
-                size = os.path.getsize(uri) if _is_local(fs) else int(fs.size(uri) or 0)
+                size = os.path.getsize(uri) if is_local(fs) else int(fs.size(uri) or 0)
             except (OSError, TypeError):
                 size = 0
             if splittable and size > read.range_mb * MB:

@@ -82,7 +82,7 @@ def _own_and_job_args(add_options, ns: argparse.Namespace, rest: list[str], prog
 
     With `--`: before it are ours, after it the job's. Without (argparse drops a `--` that directly
     follows the positional): options we know are ours, everything else goes to the job in order."""
-    from pipelines.cli import UserError
+    from pipelines.errors import UserError
 
     if "--" in rest:
         i = rest.index("--")
@@ -194,7 +194,7 @@ def _k8s_options(k: argparse.ArgumentParser) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipelines.cli import UserError
+    from pipelines.errors import UserError
     from pipelines.ops import submit as sm
 
     job_args = _own_and_job_args(_submit_options, args, args.rest, f"raygpt submit {args.stage}")
@@ -227,7 +227,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _client(args):
-    from pipelines.cli import UserError
+    from pipelines.errors import UserError
     from pipelines.ops import submit as sm
 
     if not args.address:
@@ -277,7 +277,7 @@ def _jobs_stop(args: argparse.Namespace) -> int:
 def _schedule_cron(args: argparse.Namespace) -> int:
     from datetime import datetime
 
-    from pipelines.cli import UserError
+    from pipelines.errors import UserError
     from pipelines.ops.schedule import CronExpr, crontab_line, install_crontab, nightly_command
 
     extra = _own_and_job_args(_cron_options, args, args.rest, "raygpt schedule cron")
