@@ -44,7 +44,13 @@ def _add(sub, name: str, help: str, description: str, func) -> argparse.Argument
 
 
 def register(subparsers) -> None:
-    # ---- tokenizer train ----
+    _register_tokenizer(subparsers)
+    _register_init(subparsers)
+    _register_sample(subparsers)
+    _register_export_import(subparsers)
+
+
+def _register_tokenizer(subparsers) -> None:
     tok = subparsers.add_parser("tokenizer", help="train tokenizers", formatter_class=_FORMATTER,
                                 description="Tokenizer tools.\n\n"
                                 "  raygpt tokenizer train --input 'data/*.txt' --vocab-size 4096 --out tokenizer.json\n\n"
@@ -67,7 +73,8 @@ def register(subparsers) -> None:
     t.add_argument("--min-frequency", type=int, default=2, help="BPE: minimum pair count for a merge (default 2)")
     t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    # ---- init ----
+
+def _register_init(subparsers) -> None:
     i = _add(subparsers, "init", "write a randomly initialised checkpoint",
              "Build a GPT from a preset (vocab_size taken from the tokenizer) with random weights and\n"
              "save it as a raygpt checkpoint; --set overrides GPTConfig fields of the preset.\n\n"
@@ -82,7 +89,8 @@ def register(subparsers) -> None:
     i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a GPTConfig field of the preset, repeatable (e.g. --set block_size=128)")
 
-    # ---- sample ----
+
+def _register_sample(subparsers) -> None:
     s = _add(subparsers, "sample", "generate text from a checkpoint",
              "Generate completions of one or more prompts with the gptcore engine (batched, KV cache).\n"
              "Every SamplingParams field is an option. Prints the completions, or JSON lines with --json.\n\n"
@@ -121,7 +129,8 @@ def register(subparsers) -> None:
     s.add_argument("--json", action="store_true",
                    help="print one JSON object per completion: prompt, index, text, token_ids, finish_reason")
 
-    # ---- export / import ----
+
+def _register_export_import(subparsers) -> None:
     e = _add(subparsers, "export", "export a checkpoint to Hugging Face format",
              "Write a directory that transformers.GPT2LMHeadModel.from_pretrained(OUT) and\n"
              "AutoTokenizer.from_pretrained(OUT) load offline (safetensors, no pickles).\n\n"

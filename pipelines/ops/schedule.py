@@ -225,6 +225,43 @@ def rayjob_spec(*, image: str, entrypoint: str, ray_version: str = "2.60.0", hea
     }
 
 
+def _cronjob_spec(at: str, name: str, namespace: str, kubectl_image: str) -> dict[str, Any]:
+    """The batch/v1 CronJob spec whose pod renders tonight's RayJob from the ConfigMap, creates it once
+    (named after the date) and waits for it to finish."""
+    script = "\n".join([
+        "set -eu",
+        'DATE=$(date -u -d "@$(( $(date +%s) - 86400 ))" +%Y-%m-%d)  # yesterday, UTC (busybox-compatible)',
+        'DAY=$(echo "$DATE" | tr -d -)',
+        'sed -e "s/__DATE__/$DATE/g" -e "s/__DAY__/$DAY/g" /template/rayjob.yaml > /tmp/rayjob.yaml',
+        f'NAME={name}-$DAY',
+        '# one RayJob per date: if it exists (a retried pod), wait for it instead of starting another',
+        f'kubectl -n {namespace} get rayjob "$NAME" >/dev/null 2>&1 || kubectl -n {namespace} create -f /tmp/rayjob.yaml',
+        'while true; do',
+        f'  S=$(kubectl -n {namespace} get rayjob "$NAME" -o jsonpath="{{.status.jobDeploymentStatus}}")',
+        '  case "$S" in Complete|Failed) break;; esac',
+        '  sleep 30',
+        'done',
+        f'J=$(kubectl -n {namespace} get rayjob "$NAME" -o jsonpath="{{.status.jobStatus}}")',
+        'echo "RayJob $NAME: $J"',
+        'test "$J" = SUCCEEDED',
+    ])
+    cron_spec: dict[str, Any] = {
+        "schedule": at,
+        "concurrencyPolicy": "Forbid",
+        "startingDeadlineSeconds": 3600,
+        "successfulJobsHistoryLimit": 3,
+        "failedJobsHistoryLimit": 3,
+        "jobTemplate": {"spec": {"backoffLimit": 1, "template": {"spec": {
+            "serviceAccountName": name, "restartPolicy": "Never",
+            "containers": [{"name": "create-rayjob", "image": kubectl_image,
+                            "command": ["/bin/sh", "-c", script],
+                            "volumeMounts": [{"name": "template", "mountPath": "/template"}]}],
+            "volumes": [{"name": "template", "configMap": {"name": f"{name}-rayjob"}}],
+        }}}},
+    }
+    return cron_spec
+
+
 def k8s_manifests(*, at: str, image: str, name: str = "raygpt-nightly", namespace: str = "default",
                   kind: str = "cronjob", config: str = "jobs/configs/nightly.yaml", extra: list[str] | None = None,
                   kubectl_image: str | None = None, time_zone: str | None = "Etc/UTC",
@@ -260,41 +297,10 @@ def k8s_manifests(*, at: str, image: str, name: str = "raygpt-nightly", namespac
               "spec": rayjob_spec(image=image, entrypoint=entry, **spec_kw)}
     import yaml
 
-    script = "\n".join([
-        "set -eu",
-        'DATE=$(date -u -d "@$(( $(date +%s) - 86400 ))" +%Y-%m-%d)  # yesterday, UTC (busybox-compatible)',
-        'DAY=$(echo "$DATE" | tr -d -)',
-        'sed -e "s/__DATE__/$DATE/g" -e "s/__DAY__/$DAY/g" /template/rayjob.yaml > /tmp/rayjob.yaml',
-        f'NAME={name}-$DAY',
-        '# one RayJob per date: if it exists (a retried pod), wait for it instead of starting another',
-        f'kubectl -n {namespace} get rayjob "$NAME" >/dev/null 2>&1 || kubectl -n {namespace} create -f /tmp/rayjob.yaml',
-        'while true; do',
-        f'  S=$(kubectl -n {namespace} get rayjob "$NAME" -o jsonpath="{{.status.jobDeploymentStatus}}")',
-        '  case "$S" in Complete|Failed) break;; esac',
-        '  sleep 30',
-        'done',
-        f'J=$(kubectl -n {namespace} get rayjob "$NAME" -o jsonpath="{{.status.jobStatus}}")',
-        'echo "RayJob $NAME: $J"',
-        'test "$J" = SUCCEEDED',
-    ])
-    labels = {"app.kubernetes.io/name": "raygpt"}
-    cron_spec: dict[str, Any] = {
-        "schedule": at,
-        "concurrencyPolicy": "Forbid",
-        "startingDeadlineSeconds": 3600,
-        "successfulJobsHistoryLimit": 3,
-        "failedJobsHistoryLimit": 3,
-        "jobTemplate": {"spec": {"backoffLimit": 1, "template": {"spec": {
-            "serviceAccountName": name, "restartPolicy": "Never",
-            "containers": [{"name": "create-rayjob", "image": kubectl_image or image,
-                            "command": ["/bin/sh", "-c", script],
-                            "volumeMounts": [{"name": "template", "mountPath": "/template"}]}],
-            "volumes": [{"name": "template", "configMap": {"name": f"{name}-rayjob"}}],
-        }}}},
-    }
+    cron_spec = _cronjob_spec(at, name, namespace, kubectl_image or image)
     if time_zone:
         cron_spec["timeZone"] = time_zone
-    meta = {"name": name, "namespace": namespace, "labels": labels}
+    meta = {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "raygpt"}}
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
