@@ -152,6 +152,7 @@ class ServeConfig:
     chat_template: str = "plain"  # gptcore.chat template
     dtype: Literal["float32", "bfloat16"] = "float32"
     num_cpus: float = 1.0  # CPUs reserved per replica (fractional allowed)
+    num_gpus: float = 0.0  # GPUs reserved per replica; > 0 runs the engine on CUDA (Ray sets CUDA_VISIBLE_DEVICES)
     torch_threads: int | None = None  # intra-op threads per replica; default max(1, floor(num_cpus))
     max_ongoing_requests: int = 32  # in flight per replica; more wait in a queue (the replica's with ingress haproxy)
     # waiting per replica (ingress haproxy) or in the proxy per deployment (ingress proxy); beyond ->
@@ -205,6 +206,8 @@ class ServeConfig:
             errs.append(f"port must be in 1..65535, got {self.port}")
         if not (self.num_cpus > 0 and math.isfinite(self.num_cpus)):
             errs.append(f"num_cpus must be > 0 (fractions like 0.5 are fine), got {self.num_cpus}")
+        if not (self.num_gpus >= 0 and math.isfinite(self.num_gpus)):
+            errs.append(f"num_gpus must be >= 0 (0 = CPU; 1 = one GPU per replica), got {self.num_gpus}")
         if self.torch_threads is not None and self.torch_threads < 1:
             errs.append(f"torch_threads must be >= 1 or null, got {self.torch_threads}")
         if self.max_ongoing_requests < 1:
@@ -243,6 +246,11 @@ class ServeConfig:
     @property
     def threads(self) -> int:
         return self.torch_threads or max(1, int(self.num_cpus))
+
+    @property
+    def device(self) -> str:
+        """Where the replica's engine runs: the GPU Ray assigned it (num_gpus > 0), else the CPU."""
+        return "cuda" if self.num_gpus > 0 else "cpu"
 
 
 def _raise(errs: list[str]) -> None:
@@ -354,7 +362,7 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     if a.metrics_interval_s is not None:
         autoscaling["metrics_interval_s"] = a.metrics_interval_s
     return dict(
-        ray_actor_options={"num_cpus": cfg.num_cpus},
+        ray_actor_options={"num_cpus": cfg.num_cpus, **({"num_gpus": cfg.num_gpus} if cfg.num_gpus else {})},
         autoscaling_config=autoscaling,
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,

@@ -68,11 +68,11 @@ class EngineProcess:
 
     @classmethod
     def start(cls, checkpoint: str, *, dtype: str = "float32", max_batch_size: int = 16, threads: int = 1,
-              kernel: str = "auto", timeout_s: float = 300.0) -> "EngineProcess":
+              kernel: str = "auto", timeout_s: float = 300.0, device: str = "cpu") -> "EngineProcess":
         """Start the child, wait until its engine is built (checkpoint verified and loaded) and return.
         A checkpoint the child cannot load raises RuntimeError with the child's error."""
         spec = {"checkpoint": str(checkpoint), "dtype": dtype, "max_batch_size": int(max_batch_size),
-                "threads": int(threads), "kernel": kernel}
+                "threads": int(threads), "kernel": kernel, "device": device}
         mine, theirs = socket.socketpair()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -217,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(spec["threads"])
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
-        ck = load_checkpoint(spec["checkpoint"], device="cpu", dtype=dtype)
-        engine = Engine(ck.model.eval(), ck.tokenizer, device="cpu", dtype=dtype,
+        device = spec.get("device", "cpu")
+        ck = load_checkpoint(spec["checkpoint"], device=device, dtype=dtype)
+        engine = Engine(ck.model.eval(), ck.tokenizer, device=device, dtype=dtype,
                         max_batch_size=spec["max_batch_size"], kernel=spec["kernel"])
     except Exception as e:
         traceback.print_exc()

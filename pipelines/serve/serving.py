@@ -150,7 +150,7 @@ class Serving:
 
             torch.set_num_threads(1)  # this process only tokenises; the child decodes
             engine = EngineProcess.start(cfg.checkpoint, dtype=cfg.dtype, max_batch_size=b.max_batch_size,
-                                         threads=cfg.threads)
+                                         threads=cfg.threads, device=cfg.device)
             # the child verified the checkpoint's checksums before answering
             return cls(cfg, engine, read_tokenizer(cfg.checkpoint), ProcessBatcher(engine, **batching),
                        block_size=engine.info["block_size"], vocab_size=engine.info["vocab_size"],
@@ -160,8 +160,9 @@ class Serving:
 
         torch.set_num_threads(cfg.threads)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-        ckpt = load_checkpoint(cfg.checkpoint, device="cpu", dtype=dtype)
-        engine = Engine(ckpt.model.eval(), ckpt.tokenizer, device="cpu", dtype=dtype, max_batch_size=b.max_batch_size)
+        ckpt = load_checkpoint(cfg.checkpoint, device=cfg.device, dtype=dtype)
+        engine = Engine(ckpt.model.eval(), ckpt.tokenizer, device=cfg.device, dtype=dtype,
+                        max_batch_size=b.max_batch_size)
         return cls(cfg, engine, ckpt.tokenizer, ContinuousBatcher(engine, **batching), block_size=ckpt.config.block_size,
                    vocab_size=ckpt.config.vocab_size, checkpoint_id=ckpt.id, metrics=metrics)
 
