@@ -147,7 +147,7 @@ def _roles(pid: int) -> dict[int, tuple[str, int]]:
 def _name(p) -> str:
     try:
         return p.name()
-    except Exception:  # noqa: BLE001 - gone or not readable
+    except Exception:
         return ""
 
 

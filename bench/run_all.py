@@ -24,6 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import SUMMARY, print_conditions, record  # noqa: E402 - bench/ is not a package
+
 # name -> (script, arguments): the configurations BENCHMARKS.md reports
 BENCHES = {
     "tokenizer": ("tokenizer", []),

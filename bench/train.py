@@ -462,7 +462,7 @@ def _sliced(peers: list[_Peer], raygpt_runs: list[tuple[str, list[str]]], rounds
                     p.signal(signal.SIGSTOP)
                     windows.append((p.name, t0, time.time()))
                     time.sleep(0.05)  # the stop lands before the next peer starts
-        except Exception as e:  # noqa: BLE001 - reported by the main thread
+        except Exception as e:
             state["error"] = e
         finally:
             for p in peers:  # raygpt runs finish their steps alone; subprocesses are stopped for good
@@ -475,7 +475,7 @@ def _sliced(peers: list[_Peer], raygpt_runs: list[tuple[str, list[str]]], rounds
     def run_one(name: str, over: list[str]) -> None:
         try:
             results[name] = raygpt_run(name, over)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             state["error"] = state["error"] or e
         finally:
             state["done"] += 1
@@ -591,7 +591,7 @@ def stream_data(synthetic: int | None) -> Path:
     out = RUNS / (f"stream-synthetic-{synthetic}" if synthetic else "stream-shakespeare")
     try:
         return Path(load_manifest(out)["root"])
-    except Exception:  # noqa: BLE001 - not there yet: write it
+    except Exception:
         pass
     if synthetic:
         tok = train_char(["".join(chr(48 + i) for i in range(65))])

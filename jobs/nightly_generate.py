@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,10 @@ import fsspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.config import ConfigError, load_config  # noqa: E402
-from pipelines.errors import USER_ERRORS  # noqa: E402
-from pipelines.generate import GenerateConfig, run  # noqa: E402
-from pipelines.ops.lock import LOCKED_EXIT_CODE, LockHeld, RunLock  # noqa: E402
+from pipelines.config import ConfigError, load_config
+from pipelines.errors import USER_ERRORS
+from pipelines.generate import GenerateConfig, run
+from pipelines.ops.lock import LOCKED_EXIT_CODE, LockHeld, RunLock
 
 
 @dataclass
@@ -57,7 +57,7 @@ class NightlyConfig:
 
 
 def resolve_date(text: str, today: date | None = None) -> str:
-    today = today or datetime.now(timezone.utc).date()
+    today = today or datetime.now(UTC).date()
     if text == "today":
         return today.isoformat()
     if text == "yesterday":

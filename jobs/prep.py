@@ -13,7 +13,7 @@ from pathlib import Path
 # the job's working_dir is the project root; make it importable even without `pip install -e .`
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.cli import main  # noqa: E402
+from pipelines.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["prep", *sys.argv[1:]]))

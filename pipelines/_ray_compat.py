@@ -43,7 +43,7 @@ def dashboard_url() -> str | None:
         from ray._private import worker
 
         url = worker.global_worker.node.address_info.get("webui_url")
-    except Exception:  # noqa: BLE001 - e.g. a Ray Client connection has no local node
+    except Exception:
         return None
     if not url:
         return None

@@ -33,7 +33,6 @@ SUBCOMMAND_MODULES = [
 
 from pipelines.errors import USER_ERRORS, UserError  # noqa: E402,F401 - UserError re-exported for handlers
 
-
 DESCRIPTION = """\
 raygpt: a GPT factory on Ray. Raw text in; a trained GPT and bulk generated content out.
 

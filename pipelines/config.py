@@ -23,7 +23,7 @@ import yaml
 T = TypeVar("T")
 
 
-from pipelines.errors import ConfigError  # noqa: E402,F401 - re-exported: stages import it from here
+from pipelines.errors import ConfigError  # noqa: E402 - re-exported: stages import it from here
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -17,8 +17,8 @@ import glob
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pipelines import console
 from pipelines.errors import UserError

@@ -426,7 +426,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     report = _report(cfg, out, info)
     (out / "demo_result.json").write_text(json.dumps(
         {k: v for k, v in info.items() if k not in ("data_pretrain", "data_sft")}, indent=2, default=str))
-    print("\nraygpt demo finished in %.0f s. Artefacts:" % info["wall_s"])
+    print(f"\nraygpt demo finished in {info['wall_s']:.0f} s. Artefacts:")
     for k, v in info["artefacts"].items():
         print(f"  {k:58s} {v}")
     r = info["rouge"]["systems"]

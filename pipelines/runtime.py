@@ -151,7 +151,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fs: fsspec.Abstract
     except BaseException:
         try:
             fs.rm(tmp)
-        except Exception:  # noqa: BLE001 - the temp may not exist; the original error matters
+        except Exception:
             pass
         raise
 

@@ -24,8 +24,8 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # Modules whose source is large test data or generated tables, not documentation.
 _SKIP_PREFIXES = ("test", "idlelib.idle_test", "lib2to3.tests", "tkinter.test", "ctypes.test", "unittest.test")

@@ -60,9 +60,9 @@ def test_every_subcommand_help():
 
 
 def test_sample_exposes_every_sampling_param():
-    from gptcore.sampling import SamplingParams
     import dataclasses
 
+    from gptcore.sampling import SamplingParams
     from pipelines.cli import build_parser
 
     parser = build_parser()

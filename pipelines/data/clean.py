@@ -177,7 +177,7 @@ class NormalizeWhitespace(Cleaner):
         self._table = table
         self._odd = re.compile(f"[{odd}]")
         k = self.config.max_blank_lines
-        self._blank_runs = re.compile(r"\n{%d,}" % (k + 2))
+        self._blank_runs = re.compile(r"\n{" + str(k + 2) + ",}")
         self._blank_repl = "\n" * (k + 1)
 
     def clean(self, text: str) -> str:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipelines.config import ConfigError, from_dict, to_dict
-from pipelines.data.steps import STEP_REGISTRY, build_step
 from pipelines.data.step_configs import DecontamConfig, ExactDedupConfig, FuzzyDedupConfig
+from pipelines.data.steps import STEP_REGISTRY, build_step
 from pipelines.errors import UserError
 
 OWN_STEP_CONFIGS = {"exact_dedup": ExactDedupConfig, "fuzzy_dedup": FuzzyDedupConfig, "decontaminate": DecontamConfig}

@@ -22,12 +22,11 @@ near-duplicate lines or paragraphs inside a document (gopher_repetition does).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pipelines.data.step_configs import ExactDedupConfig, FuzzyDedupConfig  # noqa: F401 - also re-exported
+from pipelines.data.step_configs import ExactDedupConfig, FuzzyDedupConfig
 
 U64 = np.uint64
 _MASK64 = (1 << 64) - 1

@@ -20,8 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.data.dedup import (KIND_BAND, KIND_EXACT, KIND_STATS, ApplyLosers, cluster_losers, decide_group,
-                                  verify_pairs)
+from pipelines.data.dedup import (
+    KIND_BAND,
+    KIND_EXACT,
+    KIND_STATS,
+    ApplyLosers,
+    cluster_losers,
+    decide_group,
+    verify_pairs,
+)
 from pipelines.data.plan import Barrier
 from pipelines.data.step_configs import FuzzyDedupConfig
 

@@ -10,15 +10,14 @@ Does not: read or write token rows (pipelines.data.write does).
 
 from __future__ import annotations
 
-from pipelines.errors import UserError
-
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import fsspec
+
+from pipelines.errors import UserError
 
 FORMAT = "raygpt-tokens/1"
 MANIFEST = "manifest.json"
@@ -33,7 +32,7 @@ def _fs_path(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, paths[0]
 
 
-from pipelines.runtime import sha256_file  # noqa: E402,F401 - re-exported
+from pipelines.runtime import sha256_file  # noqa: E402 - re-exported
 
 
 def manifest_id(manifest: dict[str, Any]) -> str:
@@ -82,7 +81,7 @@ def load_manifest(out_dir: str | os.PathLike, verify: bool = False) -> dict[str,
         raise DatasetNotReadyError(f"{path} is not valid JSON ({e}); re-run `raygpt prep --overwrite`") from None
     if m.get("format") != FORMAT:
         raise DatasetNotReadyError(f"{path}: format is {m.get('format')!r}, expected {FORMAT!r}")
-    for split, info in m.get("splits", {}).items():
+    for info in m.get("splits", {}).values():
         for sh in info.get("shards", []):
             p = f"{root.rstrip('/')}/{sh['path']}"
             if not fs.exists(p):

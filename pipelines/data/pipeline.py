@@ -29,8 +29,15 @@ from pipelines.data.dedup import Signatures
 from pipelines.data.dedup_stage import decide_barrier
 from pipelines.data.ledger import MB, check_ledger, merge_stats, no_usable_input_message, step_times
 from pipelines.data.pack import Tokenize
-from pipelines.data.plan import (Segment, build_segments, config_hash, partitions_for, prepare_output,
-                                 runner_inputs, work_root)
+from pipelines.data.plan import (
+    Segment,
+    build_segments,
+    config_hash,
+    partitions_for,
+    prepare_output,
+    runner_inputs,
+    work_root,
+)
 from pipelines.data.read import plan_reads
 from pipelines.data.runner import DataContext, SegmentRunner, batch_to_table, run_udf
 from pipelines.data.sink import Sink, build_manifest, say, summary

@@ -181,7 +181,7 @@ def build_manifest(cfg: PrepConfig, tok, sink: Sink, ledger: list[dict], stats: 
         "config": content,
         "config_hash": chash,
         "code_version": code_version(),
-        "created_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "timings_file": "timings.json",
     }
     if sink.sft:

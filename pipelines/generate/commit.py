@@ -23,7 +23,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -57,7 +57,7 @@ class RunLog:
 
     @classmethod
     def start(cls, fs: fsspec.AbstractFileSystem, root: str, key_hash: str) -> RunLog:
-        run_id = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:6]}"
+        run_id = f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:6]}"
         record = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "started_at": now(),
                   "status": "running", "config_hash": key_hash}
         log = cls(fs, join(root, RUNS_DIR, f"{run_id}.json"), record)

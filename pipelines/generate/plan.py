@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypedDict
 
 import fsspec
@@ -69,7 +69,7 @@ class InputSpec:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # ---- the input's columns --------------------------------------------------------------------------------

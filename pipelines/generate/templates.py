@@ -13,7 +13,8 @@ Does not: tokenize, truncate by tokens (the engine's `truncate` does), or know a
 from __future__ import annotations
 
 import string
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from pipelines.errors import ConfigError
 

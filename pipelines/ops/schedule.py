@@ -13,13 +13,13 @@ Does not: talk to a Kubernetes API server (it prints YAML), or run anything itse
 
 from __future__ import annotations
 
-from pipelines.errors import UserError
-
 import shlex
 import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+
+from pipelines.errors import UserError
 
 MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
           "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
@@ -89,7 +89,7 @@ class CronExpr:
     dow_any: bool
 
     @classmethod
-    def parse(cls, text: str) -> "CronExpr":
+    def parse(cls, text: str) -> CronExpr:
         expr = (text or "").strip()
         src = MACROS.get(expr.lower(), expr)
         if src.startswith("@"):

@@ -15,8 +15,6 @@ Does not: start clusters (cluster/head-up.sh does) or retry failed jobs (re-subm
 
 from __future__ import annotations
 
-from pipelines.errors import UserError
-
 import asyncio
 import os
 import re
@@ -25,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from pipelines.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = {  # stage -> entrypoint module (run as `python -m MODULE` from the uploaded working_dir)

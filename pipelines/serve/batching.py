@@ -40,8 +40,9 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 logger = logging.getLogger("ray.serve")
 
@@ -101,7 +102,7 @@ class RequestStream:
             self.last_token_t = ev.t
             self.tokens += len(ev.token_ids)
 
-    def __aiter__(self) -> "RequestStream":
+    def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> Event:

@@ -68,7 +68,7 @@ class EngineProcess:
 
     @classmethod
     def start(cls, checkpoint: str, *, dtype: str = "float32", max_batch_size: int = 16, threads: int = 1,
-              kernel: str = "auto", timeout_s: float = 300.0, device: str = "cpu") -> "EngineProcess":
+              kernel: str = "auto", timeout_s: float = 300.0, device: str = "cpu") -> EngineProcess:
         """Start the child, wait until its engine is built (checkpoint verified and loaded) and return.
         A checkpoint the child cannot load raises RuntimeError with the child's error."""
         spec = {"checkpoint": str(checkpoint), "dtype": dtype, "max_batch_size": int(max_batch_size),

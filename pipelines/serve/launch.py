@@ -203,7 +203,7 @@ def _bounded(fn: Callable[[], Any], timeout_s: float) -> Any:
     def run() -> None:
         try:
             out[0] = fn()
-        except Exception as e:  # noqa: BLE001 - reported, the stop goes on
+        except Exception as e:
             say(f"while stopping: {type(e).__name__}: {e}")
 
     t = threading.Thread(target=run, daemon=True)

@@ -18,7 +18,7 @@ ServeConfig.limits and the context window).
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
@@ -137,20 +137,20 @@ def _prompt(v: Any) -> Any:
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: Optional[Str] = None  # optional here: one model per server; a wrong name answers 404
-    max_tokens: Optional[Int] = None
+    model: Str | None = None  # optional here: one model per server; a wrong name answers 404
+    max_tokens: Int | None = None
     temperature: Annotated[Num, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[Num, Field(gt=0.0, le=1.0)] = 1.0
     n: Annotated[Int, Field(ge=1)] = 1
     stream: Bool = False
-    stream_options: Optional["StreamOptions"] = None
+    stream_options: StreamOptions | None = None
     stop: Annotated[list[str], BeforeValidator(_stop_list)] = []
-    seed: Optional[Int] = None
-    user: Optional[Str] = None
+    seed: Int | None = None
+    user: Str | None = None
     # OpenAI fields accepted only at their neutral value (checked in unsupported())
     presence_penalty: Annotated[Num, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[Num, Field(ge=-2.0, le=2.0)] = 0.0
-    logit_bias: Optional[dict[str, Any]] = None
+    logit_bias: dict[str, Any] | None = None
     # extensions (not in OpenAI's API)
     top_k: Annotated[Int, Field(ge=0)] = 0
     repetition_penalty: Annotated[Num, Field(gt=0.0)] = 1.0
@@ -177,11 +177,11 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: Annotated[Union[str, list[str], list[int], list[list[int]]], BeforeValidator(_prompt)]
-    logprobs: Optional[Annotated[Int, Field(ge=0, le=5)]] = None
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], BeforeValidator(_prompt)]
+    logprobs: Annotated[Int, Field(ge=0, le=5)] | None = None
     echo: Bool = False
-    best_of: Optional[Annotated[Int, Field(ge=1)]] = None
-    suffix: Optional[Str] = None
+    best_of: Annotated[Int, Field(ge=1)] | None = None
+    suffix: Str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.best_of is not None and self.best_of != self.n:
@@ -196,18 +196,18 @@ class CompletionRequest(_Request):
 
 class ChatCompletionRequest(_Request):
     messages: list[dict[str, Any]]  # validated by gptcore.chat (roles, text content)
-    max_completion_tokens: Optional[Int] = None  # newer name of max_tokens
+    max_completion_tokens: Int | None = None  # newer name of max_tokens
     logprobs: Bool = False
-    top_logprobs: Optional[Annotated[Int, Field(ge=0, le=20)]] = None
-    response_format: Optional[dict[str, Any]] = None
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
-    parallel_tool_calls: Optional[Bool] = None
-    functions: Optional[list[Any]] = None
-    function_call: Optional[Any] = None
-    metadata: Optional[dict[str, Any]] = None
-    store: Optional[Bool] = None
-    service_tier: Optional[Str] = None
+    top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any | None = None
+    parallel_tool_calls: Bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any | None = None
+    metadata: dict[str, Any] | None = None
+    store: Bool | None = None
+    service_tier: Str | None = None
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -274,16 +274,16 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[Optional[float]]
-    top_logprobs: Optional[list[dict[str, float]]] = None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None = None
     text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -292,30 +292,30 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 class ChatMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: Optional[str] = None
+    content: str | None = None
 
 
 class TokenLogprob(BaseModel):
     token: str
     logprob: float
-    bytes: Optional[list[int]] = None
+    bytes: list[int] | None = None
     top_logprobs: list[dict[str, Any]] = []
 
 
 class ChoiceLogprobs(BaseModel):
-    content: Optional[list[TokenLogprob]] = None
+    content: list[TokenLogprob] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessage
-    logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -328,15 +328,15 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ChatDelta(BaseModel):
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
+    role: Literal["assistant"] | None = None
+    content: str | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -345,7 +345,7 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):

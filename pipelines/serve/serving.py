@@ -311,7 +311,7 @@ class Serving:
                            param="prompt", code="invalid_value")
         out = []
         eos = self.tokenizer.eos_id
-        for i, p in enumerate(items):
+        for p in items:
             if isinstance(p, str):
                 ids = self.tokenizer.encode(p)
                 text = p

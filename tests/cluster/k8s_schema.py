@@ -11,7 +11,6 @@ Does not: evaluate CEL rules (x-kubernetes-validations) or the operator's own we
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 from pathlib import Path
@@ -32,8 +31,8 @@ def strict(schema: Any) -> Any:
         return [strict(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: (({pk: strict(pv) for pk, pv in v.items()} if k in ("properties", "$defs", "definitions")
-                else strict(v))) for k, v in schema.items()}
+    out = {k: ({pk: strict(pv) for pk, pv in v.items()} if k in ("properties", "$defs", "definitions")
+                else strict(v)) for k, v in schema.items()}
     if ("properties" in out and "additionalProperties" not in out and "patternProperties" not in out
             and not out.get("x-kubernetes-preserve-unknown-fields")):
         out["additionalProperties"] = False

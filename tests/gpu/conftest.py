@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines" / "train"))
 
 
-from gpu_testlib import cuda_count  # noqa: E402
+from gpu_testlib import cuda_count
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,8 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 from gpu_testlib import cuda_count
 
 NCCL_WORKER = textwrap.dedent("""

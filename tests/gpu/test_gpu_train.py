@@ -11,8 +11,9 @@ import pytest
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_train_steps_on_cuda(ray_session, char_data, tmp_path, stage):
     from gpu_testlib import cuda_count
-    from pipelines.train.trainer import run
     from train_testlib import base_config, train_losses
+
+    from pipelines.train.trainer import run
 
     workers = min(2, cuda_count())
     rd = tmp_path / f"zero{stage}"

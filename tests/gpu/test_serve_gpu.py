@@ -13,7 +13,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines" / "serve"))
 
-from serve_testlib import deploy, free_port, undeploy  # noqa: E402
+from serve_testlib import deploy, free_port, undeploy
 
 TEXT = "To be, or not to be, that is the question: whether tis nobler in the mind to suffer. " * 4
 

@@ -15,7 +15,7 @@ import unicodedata
 import pytest
 
 from pipelines.data.clean_decode import decode_bytes
-from pipelines.data.clean_pii import _find, PiiRedactConfig
+from pipelines.data.clean_pii import PiiRedactConfig, _find
 from pipelines.data.steps import build_step, make_batch, run_steps
 
 pytestmark = pytest.mark.shared_data

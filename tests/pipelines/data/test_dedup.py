@@ -13,9 +13,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.data.dedup import (ExactDedupConfig, FuzzyDedupConfig, Signatures, cluster_losers, exact_hash,
-                                  fuzzy_losers, group_decisions, key_rows, minhash_signatures, py_word_ngrams,
-                                  word_ngram_hashes)
+from pipelines.data.dedup import (
+    ExactDedupConfig,
+    FuzzyDedupConfig,
+    Signatures,
+    cluster_losers,
+    exact_hash,
+    fuzzy_losers,
+    group_decisions,
+    key_rows,
+    minhash_signatures,
+    py_word_ngrams,
+    word_ngram_hashes,
+)
 from pipelines.data.pipeline import batch_to_table
 
 

@@ -14,8 +14,7 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.data.dedup import (ExactDedupConfig, FuzzyDedupConfig, Signatures, fuzzy_losers, group_decisions,
-                                  key_rows)
+from pipelines.data.dedup import ExactDedupConfig, FuzzyDedupConfig, Signatures, fuzzy_losers, group_decisions, key_rows
 from pipelines.data.dedup_stage import decide_barrier, work_file_id, work_file_name
 from pipelines.data.plan import Barrier
 from pipelines.data.runner import batch_to_table

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 import os
 
 import pyarrow as pa
@@ -161,7 +160,7 @@ def test_s3_via_moto(s3_server):
 def test_s3_pipeline_end_to_end(s3_server, ray_session, tmp_path):
     """The whole pipeline on s3:// input (Ray workers read from the moto server)."""
     from pipelines.data import PrepConfig, run
-    from pipelines.data.config import TokenizerSpec, PackSpec
+    from pipelines.data.config import PackSpec, TokenizerSpec
     from pipelines.data.manifest import load_manifest, shard_paths
 
     cfg = PrepConfig(output=str(tmp_path / "out"), progress=False,

@@ -19,8 +19,16 @@ from pipelines.data.clean_decode import decode_bytes
 from pipelines.data.clean_pii import redact_pii
 from pipelines.data.clean_quality import repetition_reason, repetition_reasons
 from pipelines.data.clean_tokens import token_hashes, token_stats, token_stats_regex
-from pipelines.data.steps import (STEP_REGISTRY, build_step, build_steps, is_punctuation, make_batch, run_steps,
-                                  split_words, word_tokens)
+from pipelines.data.steps import (
+    STEP_REGISTRY,
+    build_step,
+    build_steps,
+    is_punctuation,
+    make_batch,
+    run_steps,
+    split_words,
+    word_tokens,
+)
 
 EXPECTED_STEPS = {"decode", "fix_text", "normalize_whitespace", "html_extract", "strip_boilerplate",
                   "language_id", "gopher_quality", "gopher_repetition", "c4_lines", "pii_redact",

@@ -61,5 +61,5 @@ def test_bad_inputs_are_user_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipelines.cli", "eval", "summaries", "--references", str(bad)],
                        capture_output=True, text=True, cwd=str(REPO), timeout=120)
     assert r.returncode == 2 and "summary" in r.stderr and "Traceback" not in r.stderr
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - any error will do: the file does not exist
         load_references(str(tmp_path / "missing.jsonl"))

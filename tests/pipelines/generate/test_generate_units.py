@@ -12,8 +12,14 @@ import pytest
 
 from pipelines.config import ConfigError, load_config
 from pipelines.generate.config import GenerateConfig, GenerateTesting
-from pipelines.generate.pipeline import (atomic_write_bytes, derive_seed, list_input_files, make_plan, row_hash,
-                                         url_to_fs)
+from pipelines.generate.pipeline import (
+    atomic_write_bytes,
+    derive_seed,
+    list_input_files,
+    make_plan,
+    row_hash,
+    url_to_fs,
+)
 from pipelines.generate.templates import TemplateError, fields, render, resolve_template
 
 REQ = dict(checkpoint="c", input="i", output="o")

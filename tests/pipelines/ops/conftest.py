@@ -7,4 +7,4 @@ if _name not in sys.modules:
     _spec = importlib.util.spec_from_file_location(_name, Path(__file__).resolve().parents[1] / "generate" / "fixtures.py")
     sys.modules[_name] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules[_name])
-tiny_checkpoint = sys.modules[_name].tiny_checkpoint  # noqa: F401  (session fixture)
+tiny_checkpoint = sys.modules[_name].tiny_checkpoint

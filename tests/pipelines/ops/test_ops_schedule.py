@@ -10,8 +10,15 @@ from datetime import datetime
 import pytest
 import yaml
 
-from pipelines.ops.schedule import (MARKER, CronError, CronExpr, crontab_line, install_crontab, k8s_manifests,
-                                    nightly_command)
+from pipelines.ops.schedule import (
+    MARKER,
+    CronError,
+    CronExpr,
+    crontab_line,
+    install_crontab,
+    k8s_manifests,
+    nightly_command,
+)
 
 REPO_ARGS = dict(cwd=str(__import__("pathlib").Path(__file__).resolve().parents[3]))
 

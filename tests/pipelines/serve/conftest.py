@@ -41,7 +41,6 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def serve_port(ray_session) -> int:
     from ray import serve
-
     from serve_testlib import free_port
 
     from pipelines.serve.config import ServeConfig, ServeTesting, ray_serve_env

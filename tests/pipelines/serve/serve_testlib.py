@@ -96,7 +96,7 @@ class LoadGenerator:
                 if item[1] in (429, 503):
                     time.sleep(0.25)  # a polite client backs off (bounded stand-in for Retry-After)
 
-    def start(self) -> "LoadGenerator":
+    def start(self) -> LoadGenerator:
         for t in self._threads:
             t.start()
         return self

@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from serve_testlib import deploy_many, undeploy
 
 from pipelines import _ray_compat
@@ -175,7 +174,6 @@ def test_api_keys_guard_every_v1_route_but_not_health(api):
 
 
 def _ray_log_files() -> list[Path]:
-    import ray
 
     session = Path(_ray_compat.session_dir())
     return [p for p in (session / "logs").rglob("*") if p.is_file()]
@@ -305,7 +303,6 @@ def test_request_timeout_answers_408(apps):
 def test_prometheus_metrics_through_ray(api):
     """Requests, tokens, TTFT, time per output token, queue length and batch size reach Ray's metrics
     exporter (what Prometheus scrapes), tagged with the application."""
-    import ray
 
     port = _ray_compat.metrics_export_port()
     want = ["raygpt_requests_total", "raygpt_prompt_tokens_total", "raygpt_generation_tokens_total",

@@ -14,7 +14,6 @@ import time
 
 import httpx
 import pytest
-
 from serve_testlib import LoadGenerator, deploy, running_replicas, undeploy, wait_until
 
 pytestmark = pytest.mark.slow
