@@ -119,12 +119,30 @@ def _tokenizer_json(tokenizer: Any) -> str:
     if isinstance(tokenizer, (str, os.PathLike)) and Path(tokenizer).is_file():
         return Path(tokenizer).read_text(encoding="utf-8")
     if hasattr(tokenizer, "to_json_str"):
-        return tokenizer.to_json_str()
+        text: str = tokenizer.to_json_str()
+        return text
     raise CheckpointError(f"tokenizer must be a gptcore.tokenizer.Tokenizer or a tokenizer.json path, "
                           f"got {type(tokenizer).__name__}")
 
 
-def save_checkpoint(out_dir: str | os.PathLike, model: GPT | Mapping[str, torch.Tensor], tokenizer: Any,
+def _state_dict_of(model: object, config: GPTConfig | None) -> tuple[GPTConfig, Mapping[str, torch.Tensor]]:
+    """(config, state dict in our names) of a GPT, a wrapped GPT, or a state dict plus its config."""
+    # unwrap DDP/DeepSpeed (`.module`) and torch.compile (`._orig_mod`) wrappers
+    for attr in ("module", "_orig_mod", "module"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, torch.nn.Module):
+            model = inner
+    if isinstance(model, GPT):
+        return model.config, model.state_dict()
+    if isinstance(model, Mapping):
+        if config is None:
+            raise CheckpointError("save_checkpoint got a state dict without config=GPTConfig(...)")
+        # strip wrapper prefixes a state dict may carry
+        return config, {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model.items()}
+    raise CheckpointError(f"save_checkpoint needs a gptcore GPT or a state dict, got {type(model).__name__}")
+
+
+def save_checkpoint(out_dir: str | os.PathLike[str], model: GPT | Mapping[str, torch.Tensor], tokenizer: Any,
                     meta: Mapping[str, Any] | None = None, *, config: GPTConfig | None = None,
                     overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write a checkpoint directory atomically and return its path.
@@ -134,21 +152,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: GPT | Mapping[str, torch.
     tokens_seen, parents (data_manifest_id, train_config_hash) and anything JSON-serialisable; code_version
     and created_at are filled in when absent. `dtype` casts floating weights before writing (default: as is).
     """
-    # unwrap DDP/DeepSpeed (`.module`) and torch.compile (`._orig_mod`) wrappers
-    for attr in ("module", "_orig_mod", "module"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, torch.nn.Module):
-            model = inner
-    if isinstance(model, GPT):
-        config = model.config
-        sd = model.state_dict()
-    elif isinstance(model, Mapping):
-        if config is None:
-            raise CheckpointError("save_checkpoint got a state dict without config=GPTConfig(...)")
-        # strip wrapper prefixes a state dict may carry
-        sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model.items()}
-    else:
-        raise CheckpointError(f"save_checkpoint needs a gptcore GPT or a state dict, got {type(model).__name__}")
+    config, sd = _state_dict_of(model, config)
     tok_text = _tokenizer_json(tokenizer)
     tok = parse_tokenizer(tok_text, "tokenizer")
     if tok.vocab_size != config.vocab_size:
@@ -190,7 +194,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: GPT | Mapping[str, torch.
     return Path(out_dir)
 
 
-def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Check the directory, its format version and every file's size and sha256. Returns checksums.json."""
     p = Path(path)
     if not p.exists():
@@ -230,7 +234,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return sums
 
 
-def checkpoint_id(path: str | os.PathLike) -> str:
+def checkpoint_id(path: str | os.PathLike[str]) -> str:
     """Content id of a checkpoint: sha256 of its checksums.json (which pins every file's sha256)."""
     p = Path(path) / CHECKSUMS_FILE
     if not p.is_file():
@@ -238,7 +242,7 @@ def checkpoint_id(path: str | os.PathLike) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def read_config(path: str | os.PathLike) -> GPTConfig:
+def read_config(path: str | os.PathLike[str]) -> GPTConfig:
     """The model config of a checkpoint (no weights loaded, no verification)."""
     d = read_json(Path(path) / CONFIG_FILE, CONFIG_FILE)
     try:
@@ -247,13 +251,13 @@ def read_config(path: str | os.PathLike) -> GPTConfig:
         raise CheckpointError(f"{Path(path) / CONFIG_FILE}: invalid model config ({e})") from e
 
 
-def read_tokenizer(path: str | os.PathLike) -> Any:
+def read_tokenizer(path: str | os.PathLike[str]) -> Any:
     """The tokenizer of a checkpoint (no weights loaded, no verification)."""
     p = Path(path) / TOKENIZER_FILE
     return parse_tokenizer(p.read_text(encoding="utf-8"), str(p))
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None, *, verify: bool = True) -> Checkpoint:
     """Verify and load a checkpoint directory. `dtype` None keeps the stored dtype; model is in eval()."""
     p = Path(path)

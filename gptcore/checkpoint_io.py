@@ -22,7 +22,7 @@ import shutil
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -111,7 +111,7 @@ class AtomicDir:
     An existing target is refused unless overwrite=True; then it is moved aside, the new directory
     renamed in, and the old one deleted (the only window without a target is between two renames)."""
 
-    def __init__(self, target: str | os.PathLike, overwrite: bool):
+    def __init__(self, target: str | os.PathLike[str], overwrite: bool):
         self.target = Path(target).absolute()
         self.overwrite = overwrite
         self.tmp: Path | None = None
@@ -126,7 +126,7 @@ class AtomicDir:
         return self.tmp
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
+                 tb: TracebackType | None) -> Literal[False]:
         assert self.tmp is not None
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)

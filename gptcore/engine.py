@@ -56,7 +56,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 
@@ -102,9 +102,10 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._requests: dict[str, Request] = {}
         self._rows: list[Seq] = []  # running rows; row i lives in cache slot i
-        self._cache: KVCache | None = None
+        # the slot cache starts empty (0 slots x 0 positions); _ensure_capacity grows it on demand
+        self._cache: KVCache = self._fwd.new_cache(0, 0)
         self._presence: torch.Tensor | None = None  # (slots, V) bool, for repetition penalty
-        self._last: torch.Tensor | None = None  # (slots,) long: each row's next input token
+        self._last = torch.zeros(0, dtype=torch.long, device=self.device)  # (slots,) long: each row's next input
         self._row_params: RowParams | None = None  # per-row parameter tensors (rebuilt on change)
         self._beams: list[BeamGroup] = []
         self._ids = itertools.count()
@@ -125,7 +126,8 @@ class Engine:
     def _decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None or not ids:
             return ""
-        return self.tokenizer.decode(list(ids))
+        text: str = self.tokenizer.decode(list(ids))
+        return text
 
     def _tokens_within(self, ids: Sequence[int], nchars: int) -> int:
         """Largest i such that decode(ids[:i]) fits in the first `nchars` characters."""
@@ -191,17 +193,16 @@ class Engine:
     def _ensure_capacity(self, rows: int, length: int) -> None:
         """Grow the slot cache to at least `rows` slots of `length` positions (copying live rows)."""
         cache = self._cache
-        if cache is not None and cache.batch_size >= rows and cache.max_len >= length:
+        if cache.batch_size >= rows and cache.max_len >= length:
             return
-        cur_rows = cache.batch_size if cache is not None else 0
-        cur_len = cache.max_len if cache is not None else 0
+        cur_rows, cur_len = cache.batch_size, cache.max_len  # 0, 0 before the first request
         # grow geometrically so a stream of arriving requests reallocates O(log) times, not per request
         new_rows = min(self.max_batch_size, max(rows, 2 * cur_rows))
         new_len = min(self.config.block_size, max(-(-length // 64) * 64, 2 * cur_len if length > cur_len else cur_len))
         new = self._fwd.new_cache(new_rows, new_len)
         last = torch.zeros(new_rows, dtype=torch.long, device=self.device)
         n = len(self._rows)
-        if cache is not None and n:
+        if n:
             t = int(cache.lengths[:n].max())
             for a, b in zip(new.k + new.v, cache.k + cache.v):
                 a[:n, :, :t] = b[:n, :, :t]
@@ -309,6 +310,7 @@ class Engine:
                 g = None
                 if r.params.temperature > 0:
                     g = torch.Generator(device=self.device)
+                    assert seed is not None  # drawn above for every sampling request
                     g.manual_seed(seed_for(seed, j))
                 seq = Seq(r, j, g)
                 r.seqs.append(seq)
@@ -327,9 +329,10 @@ class Engine:
             if self._presence is None:
                 self._presence = torch.zeros(self._cache.batch_size, self.config.vocab_size, dtype=torch.bool,
                                              device=self.device)
+            presence = self._presence
             for k, s in enumerate(self._rows[n0:]):
-                self._presence[n0 + k] = False
-                self._presence[n0 + k, torch.tensor(s.req.prompt_ids, device=self.device)] = True
+                presence[n0 + k] = False
+                presence[n0 + k, torch.tensor(s.req.prompt_ids, device=self.device)] = True
         self._row_params = None
         # sample the first token of the new rows with the ordinary per-row machinery
         toks, lps = self._choose(row_logits, start=n0)
@@ -373,6 +376,7 @@ class Engine:
             else:
                 seq.tokens.append(tok)
                 if seq.logprobs is not None:
+                    assert lp is not None  # _choose returns logprobs whenever a row asked for them
                     seq.logprobs.append(lp)
                 if seq.ngram is not None:
                     seq.ngram.append(tok)
@@ -409,6 +413,7 @@ class Engine:
         """Streaming output of one row: text/tokens not yet sent, holding back a possible stop-string
         start and incomplete UTF-8 until they resolve."""
         if seq.finished:
+            assert seq.text is not None  # _accept sets the final text when a row finishes
             text, n_tok = seq.text, len(seq.tokens)
         else:
             text = self._seq_text(seq) if self.tokenizer is not None else ""
@@ -461,6 +466,7 @@ class Engine:
                 self._beams.remove(g)
                 req = g.req
                 if req.stream:
+                    assert req.outputs is not None  # a done group has written its outputs
                     for c in req.outputs:
                         out.append(StepOutput(request_id=req.request_id, index=c.index, new_token_ids=c.token_ids,
                                               new_text=c.text, finished=True, finish_reason=c.finish_reason,
@@ -474,22 +480,19 @@ class Engine:
     def generate(self, prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         """Complete every prompt (text or token ids); one RequestOutput per prompt, in order."""
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
-                                        and all(isinstance(t, int) for t in prompts)):
-            prompts = [prompts]  # one prompt
-        prompts = list(prompts)
+        items = _prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
-            plist = [params] * len(prompts)
+            plist = [params] * len(items)
         else:
             plist = list(params)
-            if len(plist) != len(prompts):
-                raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts; pass one "
+            if len(plist) != len(items):
+                raise ValueError(f"got {len(plist)} SamplingParams for {len(items)} prompts; pass one "
                                  f"SamplingParams for all or exactly one per prompt")
         if self.has_unfinished():
             raise RuntimeError("generate() needs an idle engine but step-API requests are in flight; finish "
                                "them (step() until has_unfinished() is False) or abort() them first")
         tag = next(self._ids)
-        reqs = [self._prepare(f"generate-{tag}-{i}", p, sp, stream=False) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        reqs = [self._prepare(f"generate-{tag}-{i}", p, sp, stream=False) for i, (p, sp) in enumerate(zip(items, plist))]
         self._waiting.extend(reqs)
         try:
             while self.has_unfinished():
@@ -501,7 +504,19 @@ class Engine:
             raise
         results = []
         for r in reqs:
-            outs = r.outputs if r.params.use_beam_search else [self._completion(s) for s in r.seqs]
+            if r.params.use_beam_search:
+                assert r.outputs is not None  # every request finished: its beam group wrote them
+                outs = r.outputs
+            else:
+                outs = [self._completion(s) for s in r.seqs]
             results.append(RequestOutput(prompt=r.prompt, prompt_token_ids=list(r.prompt_ids), outputs=outs,
                                          request_id=r.request_id))
         return results
+
+
+def _prompt_list(prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]) -> list[str | Sequence[int]]:
+    """generate()'s prompts as a list: a single prompt (text, or a list of token ids) becomes a list of one."""
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                    and all(isinstance(t, int) for t in prompts)):
+        return [cast("str | Sequence[int]", prompts)]  # one prompt
+    return list(cast("Sequence[str | Sequence[int]]", prompts))

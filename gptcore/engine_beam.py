@@ -50,14 +50,15 @@ class BeamGroup:
         self.stop_ids = sorted(req.stop_ids)
         self.beams_to_keep = max(2, 1 + len(self.stop_ids)) * K
         self.prompt = torch.tensor(req.prompt_ids, dtype=torch.long, device=dev)
-        self.cache = fwd.new_cache(K, P + M)
+        cache = fwd.new_cache(K, P + M)
         # prefill the prompt once (row 0) and copy its keys/values to the other beams
-        row0 = KVCache(k=[t[:1] for t in self.cache.k], v=[t[:1] for t in self.cache.v],
+        row0 = KVCache(k=[t[:1] for t in cache.k], v=[t[:1] for t in cache.v],
                        lengths=torch.zeros(1, dtype=torch.long, device=dev))
         logits = fwd(self.prompt[None], row0)  # (1, V)
-        for t in self.cache.k + self.cache.v:
+        for t in cache.k + cache.v:
             t[1:, :, :P] = t[:1, :, :P]
-        self.cache.lengths = torch.full((K,), P, dtype=torch.long, device=dev)
+        cache.lengths = torch.full((K,), P, dtype=torch.long, device=dev)
+        self.cache: KVCache | None = cache  # None once finished (or aborted): the memory is freed
         self.logits = logits.expand(K, -1)  # (K, V) every beam starts from the prompt
         self.step_i = 0  # tokens generated so far
         self.running = torch.full((K, M), -1, dtype=torch.long, device=dev)
@@ -86,6 +87,7 @@ class BeamGroup:
         K, V, s, p = self.K, self.V, self.step_i, self.p
         if s > 0:
             last = self.running[:, s - 1:s]  # (K, 1)
+            assert self.cache is not None  # a finished group is never stepped
             self.logits = self.fwd(last, self.cache)
         logits = self.logits.float()
         log_probs = F.log_softmax(logits, dim=-1)  # (K, V) raw model log-probabilities
@@ -135,6 +137,7 @@ class BeamGroup:
         self.fin_done = torch.cat([self.fin_done, just])[keep]
         self.fin_len = torch.cat([self.fin_len, torch.full_like(tok, s + 1)])[keep]
         # g. continue from the surviving beams
+        assert self.cache is not None
         self.cache.reorder(beam_origin)
         self.step_i = s = s + 1
         lp = p.length_penalty

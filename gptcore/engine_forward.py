@@ -23,6 +23,7 @@ across devices.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch.nn import functional as F
@@ -34,13 +35,24 @@ __all__ = ["Forward", "PackedLinear", "onednn_available"]
 
 def onednn_available() -> bool:
     try:
-        return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        available: bool = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]  # untyped in torch
+        return bool(available) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     except Exception:  # pragma: no cover - exotic builds
         return False
 
 
+def _no_onednn(*args: object) -> torch.Tensor:  # pragma: no cover - PackedLinear packs only where oneDNN exists
+    raise RuntimeError("oneDNN's _linear_pointwise is not available in this torch build; use kernel='torch'")
+
+
 # resolved once: looking the op up through torch.ops on every call costs microseconds per matmul
-_LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise.default if onednn_available() else None
+_LINEAR_POINTWISE: Callable[..., torch.Tensor] = (
+    torch.ops.mkldnn._linear_pointwise.default if onednn_available() else _no_onednn)
+
+# one transformer block's weights, in the order __call__ uses them:
+# ln_1 (weight, bias), attn.c_attn, attn.c_proj, ln_2 (weight, bias), mlp.c_fc, mlp.c_proj
+_Layer = tuple[torch.Tensor, torch.Tensor | None, "PackedLinear", "PackedLinear",
+               torch.Tensor, torch.Tensor | None, "PackedLinear", "PackedLinear"]
 
 
 class PackedLinear:
@@ -59,15 +71,18 @@ class PackedLinear:
         self.approximate = approximate  # of the fused GELU: "tanh" (GPT-2) or "none" (exact)
         self.small = weight.numel() < self.BIG
         # the batch-size hint only picks the packed layout; any number of rows works afterwards
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16) if packed else None
-        self.w = weight if (self.packed is None or self.small) else None  # big weights: packed copy only
+        self.packed: torch.Tensor | None = torch.ops.mkldnn._reorder_linear_weight(weight, 16) if packed else None
+        # big weights: packed copy only
+        self.w: torch.Tensor | None = weight if (self.packed is None or self.small) else None
 
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:  # x: (N, in)
-        if self.packed is not None and (self.w is None or x.shape[0] * self.w.numel() >= self.BIG):
+        w = self.w
+        if self.packed is not None and (w is None or x.shape[0] * w.numel() >= self.BIG):
             if gelu:
                 return _LINEAR_POINTWISE(x, self.packed, self.b, "gelu", [], self.approximate)
             return _LINEAR_POINTWISE(x, self.packed, self.b, "none", [], "")
-        y = torch._C._nn.linear(x, self.w, self.b)
+        assert w is not None  # without a packed copy the plain weight is kept
+        y = torch._C._nn.linear(x, w, self.b)
         return torch._C._nn.gelu(y, approximate=self.approximate) if gelu else y
 
 
@@ -77,8 +92,15 @@ class Forward:
     kernel: "onednn" (packed weights, CPU), "torch" (nn.functional.linear) or "model" (call
     GPT.forward itself; the reference the others are tested against)."""
 
+    # the engine's own weights (kernels "onednn" and "torch"; absent with kernel "model")
+    wte: torch.Tensor  # (V, C)
+    wpe: torch.Tensor  # (block_size, C)
+    layers: list[_Layer]
+    ln_f: tuple[torch.Tensor, torch.Tensor | None]
+    lm_head: PackedLinear
+
     def __init__(self, model: GPT, device: torch.device, dtype: torch.dtype, kernel: str):
-        self.config = cfg = model.config
+        self.config = model.config
         self.device, self.dtype = device, dtype
         # bf16 on CPU: keys/values (and attention) stay fp32; the CPU bf16 SDPA kernel is ~5x slower
         # than fp32 for one-token queries, and fp32 attention is also the more accurate choice
@@ -88,41 +110,50 @@ class Forward:
                                   and onednn_available()) else "torch"
         if kernel not in ("onednn", "torch", "model"):
             raise ValueError(f"kernel must be 'auto', 'onednn', 'torch' or 'model', got {kernel!r}")
-        self.model = None
+        self.model: GPT | None = None
         if kernel == "model":
             p = next(model.parameters())
             if p.dtype != dtype or p.device != device or model.training:
                 model = copy.deepcopy(model).to(device=device, dtype=dtype)
             self.model = model.eval()
         else:
-            def t(x: torch.Tensor | None) -> torch.Tensor | None:
-                return None if x is None else x.detach().to(device=device, dtype=dtype).contiguous()
-
             packed = kernel == "onednn"
-            tr = model.transformer
-            self.wte, self.wpe = t(tr.wte.weight), t(tr.wpe.weight)
-            self.layers = []
-            for blk in tr.h:
-                self.layers.append((
-                    t(blk.ln_1.weight), t(blk.ln_1.bias),
-                    PackedLinear(t(blk.attn.c_attn.weight), t(blk.attn.c_attn.bias), packed),
-                    PackedLinear(t(blk.attn.c_proj.weight), t(blk.attn.c_proj.bias), packed),
-                    t(blk.ln_2.weight), t(blk.ln_2.bias),
-                    PackedLinear(t(blk.mlp.c_fc.weight), t(blk.mlp.c_fc.bias), packed, cfg.gelu_approximate),
-                    PackedLinear(t(blk.mlp.c_proj.weight), t(blk.mlp.c_proj.bias), packed),
-                ))
-            self.ln_f = (t(tr.ln_f.weight), t(tr.ln_f.bias))
-            self.lm_head = PackedLinear(t(model.lm_head.weight), None, packed)
+            self._load_weights(model, packed)
             if packed and not self._probe(model):
-                kernel = "torch"
-                self.__init__(model, device, dtype, "torch")
-                return
+                kernel = "torch"  # exotic CPU/build: oneDNN disagrees with nn.Linear, use the plain GEMM
+                self._load_weights(model, packed=False)
         self.kernel = kernel
+
+    def _load_weights(self, model: GPT, packed: bool) -> None:
+        """Copy the model's weights (detached, contiguous, in self.dtype) into the per-layer tuples."""
+        device, dtype = self.device, self.dtype
+
+        def t(x: torch.Tensor) -> torch.Tensor:
+            return x.detach().to(device=device, dtype=dtype).contiguous()
+
+        def opt(x: torch.Tensor | None) -> torch.Tensor | None:  # biases: None when config.bias is False
+            return None if x is None else t(x)
+
+        tr = model.transformer
+        self.wte, self.wpe = t(tr.wte.weight), t(tr.wpe.weight)
+        self.layers = []
+        for blk in tr.blocks():
+            attn, mlp = blk.attn, blk.mlp
+            self.layers.append((
+                t(blk.ln_1.weight), opt(blk.ln_1.bias),
+                PackedLinear(t(attn.c_attn.weight), opt(attn.c_attn.bias), packed),
+                PackedLinear(t(attn.c_proj.weight), opt(attn.c_proj.bias), packed),
+                t(blk.ln_2.weight), opt(blk.ln_2.bias),
+                PackedLinear(t(mlp.c_fc.weight), opt(mlp.c_fc.bias), packed, self.config.gelu_approximate),
+                PackedLinear(t(mlp.c_proj.weight), opt(mlp.c_proj.bias), packed),
+            ))
+        self.ln_f = (t(tr.ln_f.weight), opt(tr.ln_f.bias))
+        self.lm_head = PackedLinear(t(model.lm_head.weight), None, packed)
 
     def _probe(self, model: GPT) -> bool:
         """Check the packed kernel against nn.Linear once (exotic CPUs/builds fall back to torch)."""
         try:
-            lin = model.transformer.h[0].mlp.c_fc
+            lin = model.transformer.blocks()[0].mlp.c_fc
             x = torch.randn(3, lin.in_features, dtype=self.dtype, device=self.device)
             ref = F.gelu(F.linear(x, lin.weight.to(self.dtype), None if lin.bias is None else lin.bias.to(self.dtype)),
                          approximate=self.config.gelu_approximate)
@@ -147,6 +178,7 @@ class Forward:
         `logits_at` (default: the last position)."""
         B, T = idx.shape
         if self.model is not None:
+            logits: torch.Tensor
             if logits_at is None:
                 logits, _ = self.model(idx, cache=cache, advance=advance, last_only=True)
             else:

@@ -101,6 +101,7 @@ def config_from_hf_dict(d: Mapping[str, Any], *, name: str = "hf-import") -> GPT
             problems.append(f"{key} must be {want}, got {d.get(key)!r}")
     if problems:
         raise CheckpointError("unsupported Hugging Face config: " + "; ".join(problems))
+    assert activation is not None  # otherwise a problem was recorded and raised above
     drop = max(float(d.get(k, 0.0) or 0.0) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop"))
     try:
         return GPTConfig(n_layer=d.get("n_layer", 12), n_head=d.get("n_head", 12), n_embd=n_embd,
@@ -124,7 +125,10 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     if not cfg.bias:  # HF GPT-2 always has biases; zeros make it compute the same function
         ref = out["transformer.wte.weight"]
         C = cfg.n_embd
-        z = lambda n: torch.zeros(n, dtype=ref.dtype, device=ref.device)  # noqa: E731
+
+        def z(n: int) -> torch.Tensor:
+            return torch.zeros(n, dtype=ref.dtype, device=ref.device)
+
         for i in range(cfg.n_layer):
             p = f"transformer.h.{i}."
             for ln in ("ln_1", "ln_2"):
@@ -195,7 +199,7 @@ def _hf_tokenizer_files(tokenizer: Any, out: Path, *, block_size: int) -> None:
     write_text(out / "special_tokens_map.json", json.dumps(smap, indent=2, sort_keys=True))
 
 
-def _resolve_hf_dir(in_dir: str | os.PathLike) -> Path:
+def _resolve_hf_dir(in_dir: str | os.PathLike[str]) -> Path:
     s = str(in_dir)
     if Path(s).exists():
         return Path(s)

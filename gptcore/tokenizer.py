@@ -55,6 +55,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import numpy.typing as npt
 import tiktoken
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -92,7 +93,8 @@ def _as_id_list(ids: Any) -> list[int]:
         except TypeError:
             bad = next(i for i in ids if not hasattr(i, "__index__"))
             raise TokenizerError(f"decode: token ids must be ints, got {bad!r} ({type(bad).__name__})") from None
-    return ids
+    checked: list[int] = ids
+    return checked
 
 
 
@@ -117,8 +119,15 @@ class Tokenizer:
                 "expected the tokenizer.json written by Tokenizer.save"
             )
         self._source = source
-        self._hf_cache: dict[bool, Any] = {}
+        self._hf_cache: dict[bool, HFTokenizer] = {}
         self._specials: dict[str, int] = {}
+        # set by _init_bpe / _init_char: the fast BPE encoder (None: not usable, see _tiktoken_problem)
+        self._enc: tiktoken.Encoding | None = None
+        self._tiktoken_problem: str | None = None
+        self._id_to_bytes: list[bytes] = []  # bpe: id -> bytes
+        self._itos: list[str] = []  # char: id -> character
+        self._lut: npt.NDArray[np.int64] = np.full(0, -1, dtype=np.int64)  # char: code point -> id
+        self._vocab_size = 0
         for tok in spec.get("added_tokens") or []:
             if not tok.get("special", False):
                 raise TokenizerError(
@@ -233,7 +242,7 @@ class Tokenizer:
     def __hash__(self) -> int:
         return hash(self._id)
 
-    def __reduce__(self):  # Ray/pickle ship the JSON and rebuild (tiktoken objects do not pickle cheaply)
+    def __reduce__(self) -> tuple[Callable[[str], Tokenizer], tuple[str]]:  # Ray/pickle ship the JSON and rebuild (tiktoken objects do not pickle cheaply)
         return (Tokenizer.from_json_str, (self._json,))
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -244,7 +253,7 @@ class Tokenizer:
     def from_json_str(cls, s: str) -> Tokenizer:
         return cls(s)
 
-    def save(self, path: str | os.PathLike) -> str:
+    def save(self, path: str | os.PathLike[str]) -> str:
         """Write the JSON (atomically for local paths; fsspec URLs such as s3:// also work). Returns the path."""
         data = self._json.encode("utf-8")
         path = os.fspath(path)
@@ -266,7 +275,7 @@ class Tokenizer:
         return str(p)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Tokenizer:
+    def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Load a tokenizer JSON file (or a directory holding tokenizer.json; fsspec URLs work too)."""
         path = os.fspath(path)
         if "://" in path:
@@ -288,13 +297,13 @@ class Tokenizer:
             ) from None
         return cls(text, source=str(path))
 
-    def hf_tokenizer(self, *, encode_special_tokens: bool = False):
+    def hf_tokenizer(self, *, encode_special_tokens: bool = False) -> HFTokenizer:
         """A fresh `tokenizers.Tokenizer` for the same JSON (for export or parity checks)."""
         hf = HFTokenizer.from_str(self._json)
         hf.encode_special_tokens = encode_special_tokens
         return hf
 
-    def _hf(self, plain: bool):
+    def _hf(self, plain: bool) -> HFTokenizer:
         # plain=True: literal special-token text is encoded as ordinary text.
         hf = self._hf_cache.get(plain)
         if hf is None:
@@ -344,6 +353,7 @@ class Tokenizer:
 
     def _encode_one(self, text: str, allowed: frozenset[str], backend: str) -> list[int]:
         if backend == "tiktoken":
+            assert self._enc is not None  # _check_backend allows "tiktoken" only when the encoder exists
             if allowed:
                 return self._enc.encode(text, allowed_special=set(allowed), disallowed_special=())
             return self._enc.encode_ordinary(text)
@@ -397,7 +407,8 @@ class Tokenizer:
                 f"({self._vocab_size} ids, {bad.size} unknown occurrence(s) in this text); fix: "
                 "re-train with train_char on texts that contain it, or remove/replace it before encoding"
             )
-        return ids.tolist()
+        out: list[int] = ids.tolist()
+        return out
 
     def encode_batch(
         self,
@@ -428,6 +439,7 @@ class Tokenizer:
         n_chunks = min(len(texts), threads * 4)
         bounds = [len(texts) * k // n_chunks for k in range(n_chunks + 1)]
         enc = self._enc
+        assert enc is not None  # backend == "tiktoken" here
         if allowed:
             allowed_set = set(allowed)
 
