@@ -65,6 +65,7 @@ from gptcore.engine_forward import Forward
 from gptcore.engine_forward import PackedLinear as _Linear  # noqa: F401  (its old home: tests patch _Linear.BIG)
 from gptcore.engine_requests import (
     CompletionOutput,
+    EngineError,
     PromptTooLongError,
     Request,
     RequestOutput,
@@ -79,7 +80,7 @@ from gptcore.engine_rows import RowParams, choose_tokens
 from gptcore.model import GPT, KVCache
 from gptcore.sampling import SamplingParams
 
-__all__ = ["Engine", "PromptTooLongError", "RequestOutput", "CompletionOutput", "StepOutput"]
+__all__ = ["Engine", "EngineError", "PromptTooLongError", "RequestOutput", "CompletionOutput", "StepOutput"]
 
 
 class Engine:
@@ -89,7 +90,7 @@ class Engine:
                  dtype: torch.dtype = torch.float32, max_batch_size: int = 32, *,
                  eos_id: int | None = None, kernel: str = "auto"):
         if not (isinstance(max_batch_size, int) and max_batch_size >= 1):
-            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+            raise EngineError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         self.config = model.config
         self.tokenizer = tokenizer
         self.device = torch.device(device)
@@ -159,7 +160,7 @@ class Engine:
         reports each completion once, whole, when it finishes (a non-streaming server request: no
         per-token detokenisation and bookkeeping while it runs)."""
         if request_id in self._requests:
-            raise ValueError(f"request_id {request_id!r} is already in flight; use a unique id per request")
+            raise EngineError(f"request_id {request_id!r} is already in flight; use a unique id per request")
         req = self._prepare(request_id, prompt, params, stream=True, deltas=deltas)
         self._requests[request_id] = req
         self._waiting.append(req)
@@ -486,13 +487,14 @@ class Engine:
         else:
             plist = list(params)
             if len(plist) != len(items):
-                raise ValueError(f"got {len(plist)} SamplingParams for {len(items)} prompts; pass one "
-                                 f"SamplingParams for all or exactly one per prompt")
+                raise EngineError(f"got {len(plist)} SamplingParams for {len(items)} prompts; pass one "
+                                  f"SamplingParams for all or exactly one per prompt")
         if self.has_unfinished():
             raise RuntimeError("generate() needs an idle engine but step-API requests are in flight; finish "
                                "them (step() until has_unfinished() is False) or abort() them first")
         tag = next(self._ids)
-        reqs = [self._prepare(f"generate-{tag}-{i}", p, sp, stream=False) for i, (p, sp) in enumerate(zip(items, plist))]
+        reqs = [self._prepare(f"generate-{tag}-{i}", p, sp, stream=False)
+                for i, (p, sp) in enumerate(zip(items, plist))]
         self._waiting.extend(reqs)
         try:
             while self.has_unfinished():

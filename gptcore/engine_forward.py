@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
+from gptcore.engine_requests import EngineError
 from gptcore.model import GPT, KVCache
 
 __all__ = ["Forward", "PackedLinear", "onednn_available"]
@@ -109,7 +110,7 @@ class Forward:
             kernel = "onednn" if (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
                                   and onednn_available()) else "torch"
         if kernel not in ("onednn", "torch", "model"):
-            raise ValueError(f"kernel must be 'auto', 'onednn', 'torch' or 'model', got {kernel!r}")
+            raise EngineError(f"kernel must be 'auto', 'onednn', 'torch' or 'model', got {kernel!r}")
         self.model: GPT | None = None
         if kernel == "model":
             p = next(model.parameters())

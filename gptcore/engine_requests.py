@@ -23,11 +23,16 @@ from gptcore.config import GPTConfig
 from gptcore.errors import GPTError
 from gptcore.sampling import NGramIndex, SamplingParams
 
-__all__ = ["PromptTooLongError", "CompletionOutput", "RequestOutput", "StepOutput", "Seq", "Request",
+__all__ = ["EngineError", "PromptTooLongError", "CompletionOutput", "RequestOutput", "StepOutput", "Seq", "Request",
            "prepare_request", "seed_for", "find_stop", "stop_prefix_len"]
 
 
-class PromptTooLongError(GPTError):
+class EngineError(GPTError):
+    """A request or engine argument breaks a documented constraint (token ids outside the vocabulary, text
+    without a tokenizer, more rows than max_batch_size, ...). A ValueError, as before it had a class."""
+
+
+class PromptTooLongError(EngineError):
     """The prompt plus max_new_tokens does not fit the model's context (block_size)."""
 
 
@@ -125,7 +130,7 @@ def prepare_request(request_id: str, prompt: str | Sequence[int], params: Sampli
     """Validate one request against the model (vocabulary, context, row budget) and build it.
 
     Raises PromptTooLongError when prompt + max_new_tokens does not fit block_size (unless
-    truncate="left"), ValueError for other bad input; the messages name the value and the fix."""
+    truncate="left"), EngineError (a ValueError) for other bad input; the messages name the value and the fix."""
     params = params if params is not None else SamplingParams()
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -133,22 +138,22 @@ def prepare_request(request_id: str, prompt: str | Sequence[int], params: Sampli
     text = None
     if isinstance(prompt, str):
         if tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer: build Engine(model, tokenizer) or pass token ids")
+            raise EngineError("a text prompt needs a tokenizer: build Engine(model, tokenizer) or pass token ids")
         text = prompt
         ids = list(tokenizer.encode(prompt))
     else:
         ids = [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < V]
         if bad:
-            raise ValueError(f"prompt token ids must be in [0, vocab_size={V}), got {bad[:5]}; "
-                             f"encode the prompt with the model's own tokenizer")
+            raise EngineError(f"prompt token ids must be in [0, vocab_size={V}), got {bad[:5]}; "
+                              f"encode the prompt with the model's own tokenizer")
     if params.stop and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer to decode text; pass stop_token_ids instead "
-                         "or build the Engine with a tokenizer")
+        raise EngineError("stop strings need a tokenizer to decode text; pass stop_token_ids instead "
+                          "or build the Engine with a tokenizer")
     if not ids:
         if eos_id is None:
-            raise ValueError("the prompt is empty and the engine has no eos_id to start from; "
-                             "pass at least one token")
+            raise EngineError("the prompt is empty and the engine has no eos_id to start from; "
+                              "pass at least one token")
         ids = [eos_id]  # GPT-2 convention: <|endoftext|> starts a fresh document
     room = block - params.max_new_tokens
     if room < 1:
@@ -166,9 +171,9 @@ def prepare_request(request_id: str, prompt: str | Sequence[int], params: Sampli
                 f"last {room} prompt tokens")
     rows = params.num_beams if params.use_beam_search else params.n
     if rows > max_batch_size:
-        raise ValueError(f"this request needs {rows} decode rows (n={params.n}, num_beams={params.num_beams}) "
-                         f"but the engine has max_batch_size={max_batch_size}; lower n/num_beams or "
-                         f"raise max_batch_size")
+        raise EngineError(f"this request needs {rows} decode rows (n={params.n}, num_beams={params.num_beams}) "
+                          f"but the engine has max_batch_size={max_batch_size}; lower n/num_beams or "
+                          f"raise max_batch_size")
     req = Request(request_id, text, ids, params, stream, deltas)
     stop_ids = set(params.stop_token_ids)
     if eos_id is not None and not params.ignore_eos:

@@ -23,10 +23,10 @@ Encoding. BPE ids come from a `tiktoken.Encoding` built from the trained vocabul
 ByteLevel. tiktoken's rule (merge any adjacent pair whose concatenation is a token; return a whole pre-token
 that is a token) only equals HF's merge-list rule when the vocabulary is "merge consistent":
 `tokenizer_formats.tiktoken_problem` checks on load that ids are dense, each merge makes a new token, ids
-increase with merge index, every non-byte token comes from a merge and every token re-encodes (HF) to itself. Otherwise encoding
-falls back to the `tokenizers` backend, so ids are always the `tokenizers` ids. The last condition is
-necessary (tiktoken's whole-pre-token shortcut); that the set is sufficient was checked by exhaustive search
-(random merge lists over 2-3 letter alphabets, every string up to length 7-9: zero differences when the
+increase with merge index, every non-byte token comes from a merge and every token re-encodes (HF) to itself.
+Otherwise encoding falls back to the `tokenizers` backend, so ids are always the `tokenizers` ids. The last
+condition is necessary (tiktoken's whole-pre-token shortcut); that the set is sufficient was checked by exhaustive
+search (random merge lists over 2-3 letter alphabets, every string up to length 7-9: zero differences when the
 conditions hold, differences in ~all lists where they fail), and the tests prove parity on the real corpora
 in ../shared/data and on random Unicode. HF-trained vocabularies met the conditions in every case tried.
 Plain `encode` never turns the literal text "<|endoftext|>" into the special id; pass `allowed_special`.
@@ -242,7 +242,8 @@ class Tokenizer:
     def __hash__(self) -> int:
         return hash(self._id)
 
-    def __reduce__(self) -> tuple[Callable[[str], Tokenizer], tuple[str]]:  # Ray/pickle ship the JSON and rebuild (tiktoken objects do not pickle cheaply)
+    def __reduce__(self) -> tuple[Callable[[str], Tokenizer], tuple[str]]:
+        # Ray/pickle ship the JSON and rebuild (tiktoken objects do not pickle cheaply)
         return (Tokenizer.from_json_str, (self._json,))
 
     # ------------------------------------------------------------------ (de)serialisation

@@ -74,7 +74,8 @@ def tiktoken_problem(
     whole pre-token at once when it is in the vocabulary; HF applies only listed merges, in list order. With
     rank = id these agree when: each merge makes a new token, ids increase with merge index (so rank order is
     merge order), every non-byte token is made by a merge, and every token re-encodes (HF) to itself (see
-    gptcore.tokenizer's module docstring for how sufficiency was checked). `hf_tokenize` maps a byte-level token string to HF ids.
+    gptcore.tokenizer's module docstring for how sufficiency was checked). `hf_tokenize` maps a byte-level
+    token string to HF ids.
     """
     byte_level = {c for c in CHAR_TO_BYTE}
     singles = {t for t in vocab if len(t) == 1 and t in byte_level and t not in specials}
