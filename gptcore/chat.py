@@ -96,7 +96,7 @@ def normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[tuple[str,
         if not isinstance(m, Mapping):
             raise ChatTemplateError(f"{where} must be an object with 'role' and 'content', got {type(m).__name__}")
         role = m.get("role")
-        if role not in _SUPPORTED_ROLES:
+        if not isinstance(role, str) or role not in _SUPPORTED_ROLES:  # (no non-str is supported)
             raise ChatTemplateError(f"{where}.role must be one of {list(_SUPPORTED_ROLES)}, got {role!r}"
                                     + ("; tool calls are not supported by this model" if role in ("tool", "function")
                                        else ""))

@@ -8,7 +8,7 @@
 
 Architecture = OpenAI GPT-2 (learned positions, pre-LayerNorm, tanh-GELU, tied embeddings), with
 parameter names chosen so every tensor maps 1:1 onto Hugging Face's GPT2LMHeadModel
-(`gptcore.checkpoint` does that mapping; HF's Conv1D stores weights transposed).
+(`gptcore.hf` does that mapping; HF's Conv1D stores weights transposed).
 
 Does not: know about devices beyond the tensors it is given, distributed training, or sampling.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -91,6 +92,7 @@ class CausalSelfAttention(nn.Module):
             idx = pos[:, None, :, None].expand(B, self.n_head, T, C // self.n_head)  # (B, nh, T, hs)
             cache.k[layer].scatter_(2, idx, k.to(cache.k[layer].dtype))
             cache.v[layer].scatter_(2, idx, v.to(cache.v[layer].dtype))
+            assert attn_mask is not None  # GPT.forward builds one whenever it passes a cache
             t_used = attn_mask.shape[-1]  # the mask was built for the used prefix of the cache
             k = cache.k[layer][:, :, :t_used]  # (B, nh, T_used, hs)
             v = cache.v[layer][:, :, :t_used]
@@ -98,7 +100,8 @@ class CausalSelfAttention(nn.Module):
         else:
             y = self._attend(q, k, v, attn_mask, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C) re-assemble heads
-        return self.resid_dropout(self.c_proj(y))
+        out: torch.Tensor = self.resid_dropout(self.c_proj(y))
+        return out
 
     @staticmethod
     def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -146,7 +149,8 @@ class MLP(nn.Module):
         self.approximate = config.gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        y: torch.Tensor = self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        return y
 
 
 class Block(nn.Module):
@@ -157,24 +161,40 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, layer, cache, attn_mask):
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache | None,
+                attn_mask: torch.Tensor | None) -> torch.Tensor:
         # pre-LayerNorm residual block (GPT-2): the residual stream itself is never normalised
         x = x + self.attn(self.ln_1(x), layer, cache, attn_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
 
+class Transformer(nn.Module):
+    """The trunk's modules under GPT-2's names (transformer.wte, .wpe, .h.{i}, .ln_f); a container
+    without a forward of its own (GPT.forward runs it).
+
+    Why a class and not an nn.ModuleDict: the same state-dict names, order and initialisation, but
+    typed attributes, so code reaching into the weights (gptcore.engine_forward, gptcore.hf) is
+    type-checked."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+
+    def blocks(self) -> list[Block]:
+        """The layers, typed (nn.ModuleList yields plain Modules)."""
+        return [cast(Block, b) for b in self.h]
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
-        ))
+        self.transformer = Transformer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying (GPT-2): the output projection is the token embedding
         self.transformer.wte.weight = self.lm_head.weight
@@ -287,4 +307,5 @@ class GPT(nn.Module):
     @torch.no_grad()
     def forward_logits(self, idx: torch.Tensor) -> torch.Tensor:
         """Full-sequence logits without cache (parity tests, scoring)."""
-        return self(idx)[0]
+        logits: torch.Tensor = self(idx)[0]
+        return logits

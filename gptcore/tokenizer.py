@@ -22,22 +22,24 @@ Encoding. BPE ids come from a `tiktoken.Encoding` built from the trained vocabul
 (the trainer assigns ids in merge order, so rank order == merge order), same pre-tokenisation regex as HF's
 ByteLevel. tiktoken's rule (merge any adjacent pair whose concatenation is a token; return a whole pre-token
 that is a token) only equals HF's merge-list rule when the vocabulary is "merge consistent":
-`_tiktoken_problem` checks on load that ids are dense, each merge makes a new token, ids increase with merge
-index, every non-byte token comes from a merge and every token re-encodes (HF) to itself. Otherwise encoding
-falls back to the `tokenizers` backend, so ids are always the `tokenizers` ids. The last condition is
-necessary (tiktoken's whole-pre-token shortcut); that the set is sufficient was checked by exhaustive search
-(random merge lists over 2-3 letter alphabets, every string up to length 7-9: zero differences when the
+`tokenizer_formats.tiktoken_problem` checks on load that ids are dense, each merge makes a new token, ids
+increase with merge index, every non-byte token comes from a merge and every token re-encodes (HF) to itself.
+Otherwise encoding falls back to the `tokenizers` backend, so ids are always the `tokenizers` ids. The last
+condition is necessary (tiktoken's whole-pre-token shortcut); that the set is sufficient was checked by exhaustive
+search (random merge lists over 2-3 letter alphabets, every string up to length 7-9: zero differences when the
 conditions hold, differences in ~all lists where they fail), and the tests prove parity on the real corpora
 in ../shared/data and on random Unicode. HF-trained vocabularies met the conditions in every case tried.
 Plain `encode` never turns the literal text "<|endoftext|>" into the special id; pass `allowed_special`.
 Lone surrogates in a Python str (not valid UTF-8) are replaced by U+FFFD, as tiktoken does.
 
+Where things live. This module is the interface (the Tokenizer class, train_bpe, train_char); the per-kind
+file checks and the tiktoken consistency test are in gptcore.tokenizer_formats, training in
+gptcore.tokenizer_train.
+
 Does not: normalise text (no NFC/lowercasing), add BOS/EOS by itself, pad, truncate, or download anything.
 """
 
 from __future__ import annotations
-
-from gptcore.errors import GPTError
 
 import hashlib
 import json
@@ -46,43 +48,29 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
+import numpy.typing as npt
+import tiktoken
+from tokenizers import Tokenizer as HFTokenizer
+
+from gptcore.tokenizer_formats import (
+    BYTE_LEVEL_PATTERN,
+    EOT,
+    TokenizerError,
+    fix_surrogates,
+    parse_bpe,
+    parse_char,
+    tiktoken_problem,
+)
+from gptcore.tokenizer_train import train_bpe_json, train_char_json
 
 __all__ = ["Tokenizer", "TokenizerError", "train_bpe", "train_char", "EOT"]
-
-EOT = "<|endoftext|>"
-
-# HF ByteLevel's pre-tokenisation regex, written as tiktoken's GPT-2 `pat_str` (same language: the alternation
-# `'s|'t|'re|'ve|'m|'ll|'d` is spelled `'(?:[sdmt]|ll|ve|re)`). A test checks every code point against HF.
-_BYTE_LEVEL_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_CHAR_SPLIT_REGEX = r"[\s\S]"  # one piece per code point (`.` would miss newlines)
-_MAX_VOCAB = 2**31 - 1  # ids are stored as int32 in token shards
-
-
-class TokenizerError(GPTError):
-    """Bad tokenizer input, file or argument. The message names what, the constraint, the value and the fix."""
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable char table (what HF's ByteLevel alphabet uses)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)  # non-printable bytes map to U+0100.. in byte order
-            extra += 1
-    return table
-
-
-_BYTE_TO_CHAR = _bytes_to_unicode()
-_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
 
 
 def _default_threads() -> int:
@@ -105,16 +93,9 @@ def _as_id_list(ids: Any) -> list[int]:
         except TypeError:
             bad = next(i for i in ids if not hasattr(i, "__index__"))
             raise TokenizerError(f"decode: token ids must be ints, got {bad!r} ({type(bad).__name__})") from None
-    return ids
+    checked: list[int] = ids
+    return checked
 
-
-def _fix_surrogates(text: str) -> str:
-    # A Python str may hold lone surrogates, which are not UTF-8; replace them (tiktoken does the same).
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 class Tokenizer:
@@ -138,8 +119,15 @@ class Tokenizer:
                 "expected the tokenizer.json written by Tokenizer.save"
             )
         self._source = source
-        self._hf_cache: dict[bool, Any] = {}
+        self._hf_cache: dict[bool, HFTokenizer] = {}
         self._specials: dict[str, int] = {}
+        # set by _init_bpe / _init_char: the fast BPE encoder (None: not usable, see _tiktoken_problem)
+        self._enc: tiktoken.Encoding | None = None
+        self._tiktoken_problem: str | None = None
+        self._id_to_bytes: list[bytes] = []  # bpe: id -> bytes
+        self._itos: list[str] = []  # char: id -> character
+        self._lut: npt.NDArray[np.int64] = np.full(0, -1, dtype=np.int64)  # char: code point -> id
+        self._vocab_size = 0
         for tok in spec.get("added_tokens") or []:
             if not tok.get("special", False):
                 raise TokenizerError(
@@ -167,70 +155,31 @@ class Tokenizer:
         )
 
     # ------------------------------------------------------------------ construction per kind
-    def _init_bpe(self, spec: dict) -> None:
-        src = self._source
-        pre = spec.get("pre_tokenizer") or {}
-        if spec.get("normalizer") is not None:
-            raise TokenizerError(f"{src}: BPE with a normalizer is unsupported; expected normalizer null")
-        if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
-            raise TokenizerError(
-                f"{src}: only byte-level BPE is supported (pre_tokenizer ByteLevel with add_prefix_space=false, "
-                f"use_regex=true); got pre_tokenizer {json.dumps(pre)[:200]}"
-            )
-        model = spec["model"]
-        for key in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
-            if model.get(key):
-                raise TokenizerError(f"{src}: BPE option {key}={model[key]!r} is unsupported; expected null")
-        vocab: dict[str, int] = model["vocab"]
-        n = max(list(vocab.values()) + list(self._specials.values())) + 1
-        table: list[bytes | None] = [None] * n
-        for s, i in self._specials.items():
-            table[i] = s.encode("utf-8")
-        for tok, i in vocab.items():
-            if tok in self._specials:
-                continue
-            try:
-                b = bytes(_CHAR_TO_BYTE[c] for c in tok)
-            except KeyError:
-                raise TokenizerError(
-                    f"{src}: vocabulary entry {tok!r} (id {i}) is not byte-level encoded; only byte-level BPE is "
-                    "supported"
-                ) from None
-            if table[i] is not None and table[i] != b:
-                raise TokenizerError(f"{src}: id {i} is used by two tokens ({table[i]!r} and {b!r})")
-            table[i] = b
-        missing = [i for i, b in enumerate(table) if b is None]
-        if missing:
-            raise TokenizerError(
-                f"{src}: token ids must be dense 0..{n - 1}; {len(missing)} missing, e.g. {missing[:5]}"
-            )
-        self._id_to_bytes: list[bytes] = table  # type: ignore[assignment]
-        self._vocab_size = n
-        raw_merges = model.get("merges") or []
-        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in raw_merges]
-        if model.get("ignore_merges"):
+    def _init_bpe(self, spec: dict[str, Any]) -> None:
+        bpe = parse_bpe(spec, self._specials, self._source)
+        self._id_to_bytes = bpe.id_to_bytes
+        self._vocab_size = bpe.vocab_size
+        if bpe.ignore_merges:
             # HF then returns an in-vocabulary pre-token whole and only merges the rest: not tiktoken's rule.
             problem: str | None = "model.ignore_merges is true"
         else:
-            problem = _tiktoken_problem(vocab, merges, self._specials, self._hf_model_tokenize())
+            problem = tiktoken_problem(bpe.vocab, bpe.merges, self._specials, self._hf_model_tokenize())
         self._tiktoken_problem = problem
         if problem is None:
-            import tiktoken
-
-            ranks = {table[i]: i for i in range(n) if i not in self._specials.values()}
+            ranks = {bpe.id_to_bytes[i]: i for i in range(bpe.vocab_size) if i not in self._specials.values()}
             self._enc = tiktoken.Encoding(
-                f"raygpt-{self._id[:12]}", pat_str=_BYTE_LEVEL_PATTERN, mergeable_ranks=ranks,
+                f"raygpt-{self._id[:12]}", pat_str=BYTE_LEVEL_PATTERN, mergeable_ranks=ranks,
                 special_tokens=dict(self._specials),
             )
         else:
             self._enc = None
             warnings.warn(
-                f"{src}: tiktoken fast path disabled ({problem}); encoding with the `tokenizers` backend "
+                f"{self._source}: tiktoken fast path disabled ({problem}); encoding with the `tokenizers` backend "
                 "(same ids, slower)",
                 stacklevel=3,
             )
 
-    def _hf_model_tokenize(self):
+    def _hf_model_tokenize(self) -> Callable[[str], list[int]]:
         hf = self._hf(plain=True)
 
         def tokenize(token: str) -> list[int]:
@@ -238,44 +187,13 @@ class Tokenizer:
 
         return tokenize
 
-    def _init_char(self, spec: dict) -> None:
-        src = self._source
-        pre = spec.get("pre_tokenizer") or {}
-        ok = (
-            spec.get("normalizer") is None
-            and pre.get("type") == "Split"
-            and pre.get("pattern") == {"Regex": _CHAR_SPLIT_REGEX}
-            and pre.get("behavior") == "Isolated"
-            and not pre.get("invert")
-            and (spec.get("decoder") or {}).get("type") == "Fuse"
-        )
-        if not ok:
-            raise TokenizerError(
-                f"{src}: a WordLevel model is only supported as a char-level tokenizer (normalizer null, "
-                f"pre_tokenizer Split on {_CHAR_SPLIT_REGEX!r} Isolated, decoder Fuse), as written by train_char"
-            )
-        vocab: dict[str, int] = spec["model"]["vocab"]
-        n = len(vocab) + len(self._specials)
-        itos: list[str | None] = [None] * n
-        for ch, i in vocab.items():
-            if len(ch) != 1:
-                raise TokenizerError(f"{src}: char vocabulary entry {ch!r} (id {i}) is not a single character")
-            if not 0 <= i < n or itos[i] is not None:
-                raise TokenizerError(f"{src}: char vocabulary id {i} for {ch!r} is out of range or duplicated")
-            itos[i] = ch
-        for s, i in self._specials.items():
-            if not 0 <= i < n or itos[i] is not None:
-                raise TokenizerError(f"{src}: special token id {i} for {s!r} is out of range or duplicated")
-            itos[i] = s
-        self._itos: list[str] = itos  # type: ignore[assignment]
-        self._vocab_size = n
+    def _init_char(self, spec: dict[str, Any]) -> None:
+        chars = parse_char(spec, self._specials, self._source)
+        self._itos = chars.itos
+        self._vocab_size = chars.vocab_size
         self._enc = None
         self._tiktoken_problem = "char-level tokenizer"
-        # Code point -> id lookup table, so encoding is one vectorised gather.
-        max_cp = max((ord(c) for c in vocab), default=0)
-        self._lut = np.full(max_cp + 1, -1, dtype=np.int64)
-        for ch, i in vocab.items():
-            self._lut[ord(ch)] = i
+        self._lut = chars.lut  # code point -> id, so encoding is one vectorised gather
 
     # ------------------------------------------------------------------ properties
     @property
@@ -324,7 +242,8 @@ class Tokenizer:
     def __hash__(self) -> int:
         return hash(self._id)
 
-    def __reduce__(self):  # Ray/pickle ship the JSON and rebuild (tiktoken objects do not pickle cheaply)
+    def __reduce__(self) -> tuple[Callable[[str], Tokenizer], tuple[str]]:
+        # Ray/pickle ship the JSON and rebuild (tiktoken objects do not pickle cheaply)
         return (Tokenizer.from_json_str, (self._json,))
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -335,13 +254,11 @@ class Tokenizer:
     def from_json_str(cls, s: str) -> Tokenizer:
         return cls(s)
 
-    def save(self, path: str | os.PathLike) -> str:
+    def save(self, path: str | os.PathLike[str]) -> str:
         """Write the JSON (atomically for local paths; fsspec URLs such as s3:// also work). Returns the path."""
         data = self._json.encode("utf-8")
         path = os.fspath(path)
         if "://" in path:
-            import fsspec
-
             with fsspec.open(path, "wb") as f:
                 f.write(data)
             return path
@@ -359,12 +276,10 @@ class Tokenizer:
         return str(p)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Tokenizer:
+    def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Load a tokenizer JSON file (or a directory holding tokenizer.json; fsspec URLs work too)."""
         path = os.fspath(path)
         if "://" in path:
-            import fsspec
-
             with fsspec.open(path, "rb") as f:
                 data = f.read()
         else:
@@ -383,15 +298,13 @@ class Tokenizer:
             ) from None
         return cls(text, source=str(path))
 
-    def hf_tokenizer(self, *, encode_special_tokens: bool = False):
+    def hf_tokenizer(self, *, encode_special_tokens: bool = False) -> HFTokenizer:
         """A fresh `tokenizers.Tokenizer` for the same JSON (for export or parity checks)."""
-        from tokenizers import Tokenizer as HFTokenizer
-
         hf = HFTokenizer.from_str(self._json)
         hf.encode_special_tokens = encode_special_tokens
         return hf
 
-    def _hf(self, plain: bool):
+    def _hf(self, plain: bool) -> HFTokenizer:
         # plain=True: literal special-token text is encoded as ordinary text.
         hf = self._hf_cache.get(plain)
         if hf is None:
@@ -436,11 +349,12 @@ class Tokenizer:
         allowed = self._allowed(allowed_special)
         backend = self._check_backend(backend)
         if backend != "tiktoken":  # tiktoken's own encode already replaces lone surrogates
-            text = _fix_surrogates(text)
+            text = fix_surrogates(text)
         return self._encode_one(text, allowed, backend)
 
     def _encode_one(self, text: str, allowed: frozenset[str], backend: str) -> list[int]:
         if backend == "tiktoken":
+            assert self._enc is not None  # _check_backend allows "tiktoken" only when the encoder exists
             if allowed:
                 return self._enc.encode(text, allowed_special=set(allowed), disallowed_special=())
             return self._enc.encode_ordinary(text)
@@ -494,7 +408,8 @@ class Tokenizer:
                 f"({self._vocab_size} ids, {bad.size} unknown occurrence(s) in this text); fix: "
                 "re-train with train_char on texts that contain it, or remove/replace it before encoding"
             )
-        return ids.tolist()
+        out: list[int] = ids.tolist()
+        return out
 
     def encode_batch(
         self,
@@ -514,7 +429,7 @@ class Tokenizer:
         allowed = self._allowed(allowed_special)
         backend = self._check_backend(backend)
         if backend != "tiktoken":  # tiktoken's own encode already replaces lone surrogates
-            texts = [_fix_surrogates(t) for t in texts]
+            texts = [fix_surrogates(t) for t in texts]
         if backend == "hf" and (not allowed or allowed == frozenset(self._specials)):
             hf = self._hf(plain=not allowed)
             return [e.ids for e in hf.encode_batch_fast(texts)]
@@ -525,6 +440,7 @@ class Tokenizer:
         n_chunks = min(len(texts), threads * 4)
         bounds = [len(texts) * k // n_chunks for k in range(n_chunks + 1)]
         enc = self._enc
+        assert enc is not None  # backend == "tiktoken" here
         if allowed:
             allowed_set = set(allowed)
 
@@ -600,86 +516,7 @@ class Tokenizer:
         return self.decode_bytes([token_id])
 
 
-def _tiktoken_problem(
-    vocab: dict[str, int], merges: list[tuple[str, ...]], specials: dict[str, int], hf_tokenize
-) -> str | None:
-    """Why tiktoken could give different ids than HF's merge-list BPE for this vocabulary (None: it cannot).
-
-    tiktoken merges any adjacent pair whose concatenation is in the vocabulary, lowest rank first, and returns a
-    whole pre-token at once when it is in the vocabulary; HF applies only listed merges, in list order. With
-    rank = id these agree when: each merge makes a new token, ids increase with merge index (so rank order is
-    merge order), every non-byte token is made by a merge, and every token re-encodes (HF) to itself (see the
-    module docstring for how sufficiency was checked). `hf_tokenize` maps a byte-level token string to HF ids.
-    """
-    byte_level = {c for c in _CHAR_TO_BYTE}
-    singles = {t for t in vocab if len(t) == 1 and t in byte_level and t not in specials}
-    if len(singles) != 256:
-        return f"vocabulary lacks {256 - len(singles)} of the 256 single-byte tokens"
-    last = -1
-    produced: set[str] = set()
-    for k, m in enumerate(merges):
-        if len(m) != 2:
-            return f"merge #{k} {m!r} is not a pair"
-        a, b = m
-        t = a + b
-        if a not in vocab or b not in vocab or t not in vocab:
-            return f"merge #{k} ({a!r}, {b!r}) uses or makes a token missing from the vocabulary"
-        if t in produced:
-            return f"token {t!r} is made by two merges (second is #{k})"
-        if vocab[t] <= last:
-            return f"token ids do not increase with merge order at merge #{k} ({t!r}, id {vocab[t]})"
-        last = vocab[t]
-        produced.add(t)
-    extra = [t for t in vocab if t not in specials and t not in singles and t not in produced]
-    if extra:
-        return f"{len(extra)} vocabulary token(s) are made by no merge, e.g. {extra[0]!r}"
-    for t in produced:
-        got = hf_tokenize(t)
-        if got != [vocab[t]]:
-            return f"token {t!r} (id {vocab[t]}) does not re-encode to itself (HF gives {got})"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------- training
-def _validated_texts(texts: Iterable[str], stats: dict, fn: str) -> Iterator[str]:
-    if isinstance(texts, (str, bytes)):
-        raise TokenizerError(
-            f"{fn}: texts must be an iterable of str (documents), got a single {type(texts).__name__}; "
-            "fix: wrap it in a list, e.g. [text]"
-        )
-    try:
-        it = iter(texts)
-    except TypeError:
-        raise TokenizerError(f"{fn}: texts must be an iterable of str, got {type(texts).__name__}") from None
-    for i, t in enumerate(it):
-        if not isinstance(t, str):
-            raise TokenizerError(f"{fn}: texts item {i} is {type(t).__name__}, expected str")
-        if t:
-            stats["docs"] += 1
-            stats["chars"] += len(t)
-            yield _fix_surrogates(t)
-
-
-def _validated_specials(special_tokens: Iterable[str], fn: str) -> list[str]:
-    if isinstance(special_tokens, str):
-        raise TokenizerError(
-            f"{fn}: special_tokens must be a sequence of str, got the str {special_tokens!r}; "
-            f"fix: special_tokens=({special_tokens!r},)"
-        )
-    specials = list(special_tokens)
-    for s in specials:
-        if not isinstance(s, str) or not s:
-            raise TokenizerError(f"{fn}: special_tokens entries must be non-empty str, got {s!r}")
-    dup = sorted({s for s in specials if specials.count(s) > 1})
-    if dup:
-        raise TokenizerError(f"{fn}: special_tokens has duplicates {dup}; list each once")
-    return specials
-
-
-def _empty_corpus(fn: str) -> TokenizerError:
-    return TokenizerError(
-        f"{fn}: the training corpus is empty (0 non-empty texts); fix: pass an iterable of non-empty str documents"
-    )
+# ---- training (gptcore.tokenizer_train does the work) -------------------------------------------
 
 
 def train_bpe(
@@ -693,41 +530,11 @@ def train_bpe(
     `vocab_size` counts everything: special tokens (ids 0..k-1), the 256 byte tokens and the merges. A corpus
     too small to reach it gives a smaller vocabulary (with a warning); `Tokenizer.vocab_size` is the real size.
     """
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    fn = "train_bpe"
-    specials = _validated_specials(special_tokens, fn)
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
-        raise TokenizerError(f"{fn}: vocab_size must be an int, got {vocab_size!r}")
-    need = 256 + len(specials)
-    if vocab_size < need:
-        raise TokenizerError(
-            f"{fn}: vocab_size must be >= 256 byte tokens + {len(specials)} special token(s) = {need}, got "
-            f"{vocab_size}; fix: vocab_size >= {need} (e.g. 4096 for small corpora, 50257 for GPT-2 size)"
-        )
-    if vocab_size > _MAX_VOCAB:
-        raise TokenizerError(f"{fn}: vocab_size must be <= {_MAX_VOCAB} (int32 ids), got {vocab_size}")
-    if not isinstance(min_frequency, int) or isinstance(min_frequency, bool) or min_frequency < 0:
-        raise TokenizerError(f"{fn}: min_frequency must be an int >= 0, got {min_frequency!r}")
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so any UTF-8 is encodable
-        show_progress=False,
-    )
-    stats = {"docs": 0, "chars": 0}
-    hf.train_from_iterator(_validated_texts(texts, stats, fn), trainer=trainer)
-    if stats["docs"] == 0:
-        raise _empty_corpus(fn)
-    tok = Tokenizer(hf.to_str(pretty=True), source="train_bpe")
+    text, stats = train_bpe_json(texts, vocab_size, special_tokens, min_frequency)
+    tok = Tokenizer(text, source="train_bpe")
     if tok.vocab_size < vocab_size:
         warnings.warn(
-            f"{fn}: the corpus ({stats['chars']} chars) only supports {tok.vocab_size} ids, fewer than the "
+            f"train_bpe: the corpus ({stats['chars']} chars) only supports {tok.vocab_size} ids, fewer than the "
             f"requested vocab_size={vocab_size} (min_frequency={min_frequency}); using {tok.vocab_size}",
             stacklevel=2,
         )
@@ -736,27 +543,4 @@ def train_bpe(
 
 def train_char(texts: Iterable[str], special_tokens: Sequence[str] = ()) -> Tokenizer:
     """Char-level tokenizer, nanoGPT style: ids = the sorted set of characters (code points) seen, then specials."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    fn = "train_char"
-    specials = _validated_specials(special_tokens, fn)
-    stats = {"docs": 0, "chars": 0}
-    chars: set[str] = set()
-    for t in _validated_texts(texts, stats, fn):
-        chars.update(t)
-    if stats["docs"] == 0:
-        raise _empty_corpus(fn)
-    clash = [s for s in specials if s in chars]
-    if clash:
-        raise TokenizerError(
-            f"{fn}: special token(s) {clash} are also ordinary characters of the corpus; use multi-character "
-            "special tokens such as '<|endoftext|>'"
-        )
-    vocab = {c: i for i, c in enumerate(sorted(chars))}
-    hf = HFTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    hf.pre_tokenizer = pre_tokenizers.Split(Regex(_CHAR_SPLIT_REGEX), behavior="isolated")
-    hf.decoder = decoders.Fuse()
-    if specials:
-        hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    return Tokenizer(hf.to_str(pretty=True), source="train_char")
+    return Tokenizer(train_char_json(texts, special_tokens), source="train_char")
