@@ -18,10 +18,11 @@ Does not: tokenize, call a model, or know about HTTP (pipelines.serve maps ChatT
 
 from __future__ import annotations
 
-from gptcore.errors import GPTError
-
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
+
+from gptcore.errors import GPTError
 
 
 class ChatTemplateError(GPTError):

@@ -38,10 +38,11 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -171,7 +172,7 @@ def save_checkpoint(out_dir: str | os.PathLike[str], model: GPT | Mapping[str, t
     # lineage: which data and which training config produced these weights (None = not applicable)
     meta_out["parents"] = {"data_manifest_id": None, "train_config_hash": None, **dict(meta_out.get("parents") or {})}
     meta_out.setdefault("code_version", code_version())
-    meta_out.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    meta_out.setdefault("created_at", datetime.now(UTC).isoformat(timespec="seconds"))
     meta_out["tokenizer_id"] = getattr(tok, "id", None)
     meta_out["num_params"] = sum(t.numel() for t in tensors.values())
     try:

@@ -20,9 +20,10 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -179,6 +180,6 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 def parse_tokenizer(text: str, where: str) -> Any:
     try:
         return Tokenizer.from_json_str(text)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt checkpoint file
+    except Exception as e:
         raise CheckpointError(f"{where}: not a valid raygpt tokenizer ({type(e).__name__}: {e})") from e
 

@@ -8,12 +8,12 @@ Does not: know about training hyper-parameters (pipelines.train owns those) or d
 
 from __future__ import annotations
 
-from gptcore.errors import GPTError
-
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from gptcore.errors import GPTError
 
 
 class ConfigError(GPTError):
@@ -78,7 +78,7 @@ class GPTConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -88,7 +88,7 @@ class GPTConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    def replace(self, **changes: Any) -> "GPTConfig":
+    def replace(self, **changes: Any) -> GPTConfig:
         return dataclasses.replace(self, **changes)
 
 

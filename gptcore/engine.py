@@ -56,7 +56,8 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from typing import Any, Sequence, cast
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 
@@ -116,7 +117,7 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        **kwargs: Any) -> "Engine":
+                        **kwargs: Any) -> Engine:
         from gptcore.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(path, device=device)

@@ -16,7 +16,7 @@ partial beams, or sample (beam search here is deterministic, as in HF with do_sa
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.nn import functional as F

@@ -23,7 +23,7 @@ across devices.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F

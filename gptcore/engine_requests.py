@@ -14,8 +14,9 @@ Does not: tokenize beyond calling `tokenizer.encode`, sample, or touch the KV ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

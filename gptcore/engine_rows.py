@@ -16,8 +16,8 @@ Does not: own the rows, the presence matrix or the generators (the engine does),
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch.nn import functional as F

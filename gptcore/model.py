@@ -56,7 +56,7 @@ class KVCache:
         self.v = [t.index_select(0, index) for t in self.v]
         self.lengths = self.lengths.index_select(0, index)
 
-    def copy_rows_from(self, other: "KVCache", dst_rows: torch.Tensor, src_rows: torch.Tensor | None = None) -> None:
+    def copy_rows_from(self, other: KVCache, dst_rows: torch.Tensor, src_rows: torch.Tensor | None = None) -> None:
         """Copy rows of another cache (e.g. a freshly prefilled request) into slots of this one."""
         if src_rows is None:
             src_rows = torch.arange(other.batch_size, device=dst_rows.device)

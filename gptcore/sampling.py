@@ -14,14 +14,15 @@ Does not: run a model, hold a KV cache or decode text (gptcore.engine does).
 
 from __future__ import annotations
 
-from gptcore.errors import GPTError
-
 import dataclasses
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
+
+from gptcore.errors import GPTError
 
 __all__ = [
     "SamplingParams",
@@ -174,14 +175,14 @@ class SamplingParams:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+    def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise SamplingParamsError(f"unknown SamplingParams field(s) {unknown}; valid fields are {sorted(known)}")
         return cls(**d)
 
-    def replace(self, **changes: Any) -> "SamplingParams":
+    def replace(self, **changes: Any) -> SamplingParams:
         return dataclasses.replace(self, **changes)
 
 

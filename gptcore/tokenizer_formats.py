@@ -14,8 +14,9 @@ Does not: encode or decode text, train, or read files (gptcore.tokenizer does).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt

@@ -123,7 +123,7 @@ def test_tokenizer_vocab_mismatch_is_refused(saved, tmp_path, model):
     other = train_char(iter(["abc"]), special_tokens=())
     (saved / "tokenizer.json").write_text(other.to_json_str())
     _rewrite_checksums(saved)  # consistent checksums: only the vocab check can catch it
-    with pytest.raises(CheckpointError, match=r"vocab_size 3 .*vocab_size %d" % model.config.vocab_size):
+    with pytest.raises(CheckpointError, match=rf"vocab_size 3 .*vocab_size {model.config.vocab_size}"):
         load_checkpoint(saved)
     with pytest.raises(CheckpointError, match="vocab_size"):
         save_checkpoint(tmp_path / "bad", model, other, {})

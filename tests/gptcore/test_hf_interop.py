@@ -37,7 +37,7 @@ SAMPLE_TEXTS = [
 ]
 
 
-def _hf_model_from_ours(model: GPT) -> "transformers.GPT2LMHeadModel":
+def _hf_model_from_ours(model: GPT) -> transformers.GPT2LMHeadModel:
     d = {k: v for k, v in hf_config_dict(model.config).items() if k not in ("architectures", "model_type")}
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**d)).eval()
     hf.load_state_dict(to_hf_state_dict(model), strict=True)
