@@ -31,7 +31,7 @@ import time
 import uuid
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from filelock import LeaseSettingsMismatch, SoftFileLease, Timeout
@@ -52,9 +52,9 @@ class LockHeld(UserError, RuntimeError):
         super().__init__(
             f"another run holds {path}: host={owner.get('host')} pid={owner.get('pid')} started "
             f"{owner.get('started_at')} ({age:.0f}s ago){command}, last heartbeat {owner.get('heartbeat_at')}; it is "
-            f"live, so this run exits. If it is not (e.g. a frozen host), delete the lock file (and {path}.owner), "
-            f"or run again once its heartbeat is older than ttl_s={owner.get('ttl_s')}s: that run waits ttl_s more "
-            f"for a refresh, then takes it over")
+            f"live, so this run exits. If it is not (e.g. a frozen host), delete the lock file, or run again once "
+            f"its heartbeat is older than ttl_s={owner.get('ttl_s')}s: that run takes it over (on a local/NFS path "
+            f"after watching it ttl_s more for a refresh)")
 
 
 def pid_alive(pid: int) -> bool:
@@ -72,7 +72,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
 def _parse(raw: bytes | None) -> dict[str, Any] | None:
@@ -162,7 +162,7 @@ class RunLock:
                 "started_at": _iso(self.started_at), "started_at_epoch": self.started_at, "note": self.note,
                 "command": " ".join(sys.argv), **extra}
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         if self._fs is not None:
             self._acquire_store()
             self._thread = threading.Thread(target=self._beat_store, name="runlock-heartbeat", daemon=True)
@@ -210,14 +210,13 @@ class RunLock:
                 os.remove(f"{self.path}.owner")
             self._lease.release()  # filelock leaves a successor's marker in place
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
 
-    # ---- object stores ------------------------------------------------------------------------
-
+    # object stores: the record, its consistent read, conditional overwrite, create/takeover, heartbeat
     def _content(self) -> bytes:
         return json.dumps(self._record(heartbeat_at=_iso(time.time()), heartbeat_at_epoch=time.time())).encode()
 

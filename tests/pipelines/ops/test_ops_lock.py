@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.errors import UserError
 from pipelines.ops.lock import LockHeld, RunLock, inspect_lock, pid_alive, read_owner
 
 REPO = Path(__file__).resolve().parents[3]
@@ -179,3 +180,14 @@ def test_a_stopped_holder_process_is_taken_over_after_ttl_and_told_when_it_resum
             p.send_signal(signal.SIGCONT)
             p.kill()
             p.wait()
+
+
+def test_settings_that_cannot_work_are_refused_with_the_fix(tmp_path):
+    path = tmp_path / "l.lock"
+    with pytest.raises(UserError, match="heartbeat_s must be > 0 and < ttl_s=10"):
+        RunLock(str(path), ttl_s=10, heartbeat_s=10)
+    with RunLock(str(path), ttl_s=60):
+        os.utime(path, (time.time() - 600, time.time() - 600))  # silent for longer than its ttl_s
+        with pytest.raises(UserError, match="same ttl_s") as e:  # another ttl_s: we cannot judge its lease
+            RunLock(str(path), ttl_s=30).acquire()
+        assert not isinstance(e.value, LockHeld)
