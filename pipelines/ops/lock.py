@@ -1,40 +1,43 @@
-"""Overlap guard for scheduled runs: a lock file that names its owner, with stale-lock takeover.
+"""Overlap guard for scheduled runs: one owner per lock path, named in a readable record; stale locks are taken over.
 
-    from pipelines.ops.lock import RunLock, LockHeld
-    with RunLock("/data/out/_locks/dt=2024-05-01.lock", ttl_s=6 * 3600):
-        ...  # only one run per date at a time
+    with RunLock("/data/out/_locks/dt=2024-05-01.lock", ttl_s=6 * 3600, note="nightly dt=2024-05-01"):
+        ...  # one run per date at a time; another raises LockHeld naming this one (read_owner(path) shows it)
 
-The lock file holds JSON {host, pid, token, started_at, heartbeat_at, ttl_s, note}. It is created with
-O_CREAT|O_EXCL (atomic on POSIX filesystems, NFS v3+ included), and refreshed by a heartbeat thread.
-A lock is stale when its owner is a dead pid on this host, or its heartbeat is older than ttl_s (owner
-on another host, or hung). Takeover: under a short second lock (`<lock>.takeover`, O_EXCL) a contender
-re-reads the lock, deletes it only if it is still stale, then competes for the O_EXCL create like
-everyone else, so exactly one contender ends up owning it.
-Object-store URLs (s3://...) are created with an exclusive create, `fs.open(path, "xb")` (s3fs: a PUT with
-If-None-Match: *, refused with FileExistsError when the object exists), which is atomic on S3; the token is read
-back as well, in case a backend ignores the "x". Their stale takeover and heartbeat stay best effort (no
-conditional delete/overwrite through fsspec). storage_options reach fsspec (e.g. an endpoint_url).
-Why not filelock.SoftFileLease: its marker format and expiry (a contender must itself watch the marker go
-unrefreshed for lease_duration on its monotonic clock; identity by inode) differ from this lock's JSON owner
-record and heartbeat age, which jobs/nightly_generate.py, its operators and tests/pipelines/ops/test_ops_lock.py
-rely on; and it covers local/NFS paths only.
-Does not: fence a stale owner that comes back to life (its heartbeat notices the takeover and stops
-refreshing, but it is not killed); the generate stage's exactly-once commit makes that harmless.
+Local/NFS paths: filelock.SoftFileLease(lease_duration=ttl_s), an O_EXCL marker its heartbeat thread refreshes every
+heartbeat_s. A dead owner on this host is taken over at once. A live but silent one (other host, hung, stopped) only
+once the contender itself has watched the marker go unrefreshed for ttl_s on its monotonic clock (clock skew cannot
+expire a live claim): a marker refreshed within ttl_s (its mtime) raises LockHeld at once; an older one makes the run
+wait up to ttl_s more, and LockHeld if the holder refreshes meanwhile. The holder writes `<lock>.owner` (host, pid,
+token, started_at, command, note), valid while its token is the marker's. A lock file in the earlier JSON format is
+judged by its pid and heartbeat, then broken through filelock's malformed-marker path.
+Object stores (s3://; filelock is local only): exclusive create `fs.open(path, "xb")` (S3: PUT If-None-Match: *) of a
+JSON record, a heartbeat thread here. Takeover of a record judged stale (dead pid here, or heartbeat older than ttl_s by
+the wall clock) and each refresh are PUT If-Match: the ETag read, so two contenders never both win and a refresh never
+overwrites a takeover. Limits: release is read-check-delete (s3fs's rm sends no If-Match); a backend without ETags
+falls back to delete-then-create and read-check-write. Both race only with the takeover of a holder silent for ttl_s.
+Does not: fence a stale owner that comes back to life (its `lost` turns True: it is told, not stopped); the generate
+stage's exactly-once commit makes that harmless.
 """
 
 from __future__ import annotations
 
-from pipelines.errors import UserError
-
+import errno
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
+
+from filelock import LeaseSettingsMismatch, SoftFileLease, Timeout
+
+from pipelines.errors import UserError
+from pipelines.runtime import atomic_write_json
 
 LOCKED_EXIT_CODE = 75  # EX_TEMPFAIL: "another run holds the lock; try again later"
 
@@ -43,14 +46,15 @@ class LockHeld(UserError, RuntimeError):
     """Another live run holds the lock."""
 
     def __init__(self, path: str, owner: dict[str, Any]):
-        self.path = path
-        self.owner = owner
-        age = time.time() - float(owner.get("started_at_epoch", time.time()))
+        self.path, self.owner = path, owner
+        age = time.time() - float(owner.get("started_at_epoch") or time.time())
+        command = f", command {owner['command']!r}" if owner.get("command") else ""
         super().__init__(
             f"another run holds {path}: host={owner.get('host')} pid={owner.get('pid')} started "
-            f"{owner.get('started_at')} ({age:.0f}s ago), last heartbeat {owner.get('heartbeat_at')}; it is "
-            f"live, so this run exits. If it is not (e.g. a frozen host), delete the lock file or wait "
-            f"until its heartbeat is older than ttl_s={owner.get('ttl_s')}s")
+            f"{owner.get('started_at')} ({age:.0f}s ago){command}, last heartbeat {owner.get('heartbeat_at')}; it is "
+            f"live, so this run exits. If it is not (e.g. a frozen host), delete the lock file, or run again once "
+            f"its heartbeat is older than ttl_s={owner.get('ttl_s')}s: that run takes it over (on a local/NFS path "
+            f"after watching it ttl_s more for a refresh)")
 
 
 def pid_alive(pid: int) -> bool:
@@ -60,8 +64,7 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # exists, owned by someone else
-    # a zombie (exited, not yet reaped by its parent) is dead for our purposes
-    try:
+    try:  # a zombie (exited, not yet reaped by its parent) is dead for our purposes
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
@@ -69,7 +72,24 @@ def pid_alive(pid: int) -> bool:
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def _parse(raw: bytes | None) -> dict[str, Any] | None:
+    """A JSON owner record, {} for anything else (a filelock marker, a torn write), None for no file."""
+    try:
+        d = None if raw is None else json.loads(raw.decode() or "{}")
+        return d if isinstance(d, dict) or d is None else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+
+
+def _load(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return _parse(f.read()) or {}
+    except FileNotFoundError:
+        return {}
 
 
 @dataclass
@@ -92,220 +112,174 @@ def inspect_lock(owner: dict[str, Any], now: float | None = None, host: str | No
     return LockInfo(False, "owner alive", owner)
 
 
+def read_owner(path: str) -> dict[str, Any] | None:
+    """Who holds the local lock at `path` (None: nobody): filelock's marker (host, pid, token, ttl_s) with the holder's
+    `.owner` record (started_at, command, note) when its token matches, heartbeat_at = the marker's mtime. A lock file
+    in the earlier JSON format is returned as recorded; an unreadable one as host '?' with its mtime."""
+    try:
+        with open(path, "rb") as f:
+            raw, mtime = f.read(4096), os.fstat(f.fileno()).st_mtime
+    except FileNotFoundError:
+        return None
+    if legacy := _parse(raw):
+        return legacy
+    owner: dict[str, Any] = {"host": "?", "pid": None, "heartbeat_at": _iso(mtime), "heartbeat_at_epoch": mtime}
+    if (marker := SoftFileLease(path).owner) is not None:
+        owner.update(host=marker.hostname, pid=marker.pid, token=marker.token, ttl_s=marker.lease_duration)
+        if (record := _load(f"{path}.owner")).get("token") == marker.token:
+            owner.update({k: v for k, v in record.items() if not k.startswith("heartbeat")})
+    return owner
+
+
 class RunLock:
     """Context manager: acquire (or raise LockHeld), heartbeat while held, release on exit."""
 
     def __init__(self, path: str, ttl_s: float = 6 * 3600, note: str = "", heartbeat_s: float | None = None,
                  storage_options: dict[str, Any] | None = None):
-        self.path = str(path)
-        self.ttl_s = float(ttl_s)
-        self.note = note
-        self.heartbeat_s = heartbeat_s if heartbeat_s is not None else max(1.0, min(60.0, self.ttl_s / 4))
-        self.token = uuid.uuid4().hex
+        self.path = str(path).removeprefix("file://")
+        self.ttl_s, self.note, self.started_at = float(ttl_s), note, time.time()
+        self.heartbeat_s = float(heartbeat_s) if heartbeat_s is not None else min(60.0, self.ttl_s / 4)
+        if not 0 < self.heartbeat_s < self.ttl_s:
+            raise UserError(f"RunLock heartbeat_s must be > 0 and < ttl_s={self.ttl_s:g}, got {heartbeat_s!r} "
+                            f"({self.path}); leave it unset for min(60, ttl_s / 4)")
+        self.token = uuid.uuid4().hex  # local paths: filelock's claim token once acquired
         self.took_over: LockInfo | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lost = False
-        self.started_at = time.time()
-        self._fs, self._fpath = None, None
-        if "://" in self.path and not self.path.startswith("file://"):
+        self.lost = False  # True once the heartbeat finds the lock taken over by another run
+        self._stop, self._thread = threading.Event(), None
+        self._fs: Any = None
+        self._etag: str | None = None
+        if "://" in self.path:
             import fsspec
 
             self._fs, self._fpath = fsspec.core.url_to_fs(self.path, **(storage_options or {}))
-        elif self.path.startswith("file://"):
-            self.path = self.path[len("file://"):]
+        else:  # thread_local=False: a lease acquired in one thread may be released from another
+            self._lease = SoftFileLease(self.path, lease_duration=self.ttl_s, heartbeat_interval=self.heartbeat_s,
+                                        on_compromise=lambda _: setattr(self, "lost", True), thread_local=False,
+                                        blocking=False)
 
-    # ---- file primitives ---------------------------------------------------------------------
+    def _record(self, **extra: Any) -> dict[str, Any]:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token, "ttl_s": self.ttl_s,
+                "started_at": _iso(self.started_at), "started_at_epoch": self.started_at, "note": self.note,
+                "command": " ".join(sys.argv), **extra}
 
-    def _content(self) -> bytes:
-        now = time.time()
-        return json.dumps({
-            "host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-            "started_at": _iso(self.started_at), "started_at_epoch": self.started_at,
-            "heartbeat_at": _iso(now), "heartbeat_at_epoch": now, "ttl_s": self.ttl_s, "note": self.note,
-        }, indent=2).encode()
-
-    def _read_raw(self, path: str | None = None) -> bytes | None:
-        try:
-            if self._fs is not None:
-                with self._fs.open(path or self._fpath, "rb") as f:
-                    return f.read()
-            with open(path or self.path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-
-    @staticmethod
-    def _parse(raw: bytes | None) -> dict[str, Any] | None:
-        if raw is None:
-            return None
-        try:
-            d = json.loads(raw.decode() or "{}")
-            return d if isinstance(d, dict) else {}
-        except (ValueError, UnicodeDecodeError):
-            return {}  # torn/garbage lock: judged by its mtime
-
-    def _read(self) -> dict[str, Any] | None:
-        return self._parse(self._read_raw())
-
-    def _create_exclusive(self) -> bool:
-        if self._fs is not None:  # object stores: the exclusive create is the atomic primitive
-            try:
-                with self._fs.open(self._fpath, "xb") as f:
-                    f.write(self._content())
-            except FileExistsError:
-                return False
-            except (ValueError, NotImplementedError) as e:  # a backend without exclusive create
-                raise UserError(f"lock path {self.path}: its filesystem ({type(self._fs).__name__}) cannot create a file "
-                                f"exclusively (open mode 'xb': {e}); put the output root (and so its _locks/) on a "
-                                f"local/NFS path or on S3") from None
-            return (self._read() or {}).get("token") == self.token
+    def acquire(self) -> RunLock:
+        if self._fs is not None:
+            self._acquire_store()
+            self._thread = threading.Thread(target=self._beat_store, name="runlock-heartbeat", daemon=True)
+            self._thread.start()
+            return self
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(self._content())
-            f.flush()
-            os.fsync(f.fileno())
-        return True
-
-    def _mtime(self) -> float:
-        try:
-            if self._fs is not None:
-                m = self._fs.info(self._fpath).get("mtime") or self._fs.info(self._fpath).get("LastModified")
-                return m.timestamp() if hasattr(m, "timestamp") else float(m or 0)
-            return os.path.getmtime(self.path)
-        except Exception:
-            return 0.0
-
-    def _remove_stale(self, judged: bytes) -> bool:
-        """Delete the lock we judged stale; True if THIS process did it. Local files: under a short
-        takeover mutex (`<lock>.takeover`, O_EXCL), re-read and re-judged there, so a fresh lock that a
-        faster contender created meanwhile is never removed."""
-        if self._fs is not None:  # object stores: best effort
+        previous, judged, deadline = read_owner(self.path), None, 0.0
+        while True:
+            mismatch = None
             try:
-                self._fs.rm(self._fpath)
-                return True
-            except (FileNotFoundError, OSError):
-                return False
-        mutex = self._take_mutex()
-        if mutex is None:
-            time.sleep(0.05)
-            return False
-        try:
-            raw = self._read_raw()
-            if raw is None:
-                return False  # already gone: the caller retries the exclusive create
-            owner = self._parse(raw) or {"heartbeat_at_epoch": self._mtime(), "ttl_s": self.ttl_s}
-            if raw != judged and not inspect_lock(owner).stale:
-                return False  # replaced by a live owner meanwhile: the caller sees it held
-            os.remove(self.path)
-            return True
-        finally:
-            self._drop_mutex(mutex)
-
-    def _take_mutex(self) -> str | None:
-        """The short `<lock>.takeover` mutex (O_EXCL) that serialises takeovers and heartbeat refreshes of a
-        local lock file; None if someone else holds it. One left by a process that died holding it
-        expires after 30 s."""
-        mutex = f"{self.path}.takeover"
-        try:
-            os.close(os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            return mutex
-        except FileExistsError:
-            try:
-                if time.time() - os.path.getmtime(mutex) > 30:
-                    os.remove(mutex)
-            except OSError:
+                self._lease.acquire()  # one attempt (blocking=False); filelock takes a dead owner's marker here
+                break
+            except Timeout:
                 pass
-            return None
-
-    @staticmethod
-    def _drop_mutex(mutex: str) -> None:
-        try:
-            os.remove(mutex)
-        except OSError:
-            pass
-
-    # ---- public ------------------------------------------------------------------------------
-
-    def acquire(self) -> "RunLock":
-        for _ in range(50):
-            if self._create_exclusive():
-                self._start_heartbeat()
-                return self
-            raw = self._read_raw()
-            owner = self._parse(raw)
-            if owner is None:
+            except LeaseSettingsMismatch as e:
+                mismatch = e
+            if (holder := read_owner(self.path)) is None:
                 continue  # released between our attempts: try again
-            if not owner:  # unreadable: fall back to the file's age
-                owner = {"heartbeat_at_epoch": self._mtime(), "ttl_s": self.ttl_s, "host": "?", "pid": None}
-            info = inspect_lock(owner)
-            if not info.stale:
-                raise LockHeld(self.path, owner)
-            if self._remove_stale(raw):
-                self.took_over = info
-        raise LockHeld(self.path, self._read() or {})
+            info = inspect_lock(holder)
+            if not info.stale or (judged is not None and time.monotonic() > deadline):
+                raise LockHeld(self.path, holder)  # refreshed within ttl_s (or while we waited): live
+            if mismatch is not None:
+                raise UserError(f"lock {self.path}: {mismatch}; pass the same ttl_s (the nightly job's lock_ttl_s) "
+                                f"to every run of this path, or delete the lock file if its holder is gone") from None
+            if judged is None:  # silent for ttl_s by the wall clock: filelock confirms on its own clock
+                judged, deadline = info, time.monotonic() + max(self.ttl_s, 2.0) + 1.0
+            time.sleep(0.2)
+        self.token = self._lease.token or self.token
+        if judged is None and previous is not None and (info := inspect_lock(previous)).stale:
+            judged = info  # filelock took a dead owner's marker in the first attempt
+        self.took_over = judged
+        atomic_write_json(f"{self.path}.owner", self._record())
+        return self
 
     def release(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
-        d = self._read()
-        if d and d.get("token") == self.token:  # never delete a lock someone took over from us
-            try:
-                if self._fs is not None:
+        if self._fs is not None:
+            self._stop.set()
+            if self._thread:
+                self._thread.join(timeout=5)
+            if (_parse(self._read_store()[0]) or {}).get("token") == self.token:  # never delete a successor's
+                with suppress(FileNotFoundError):
                     self._fs.rm(self._fpath)
-                else:
-                    os.remove(self.path)
-            except FileNotFoundError:
-                pass
+        elif self._lease.is_locked:
+            if _load(f"{self.path}.owner").get("token") == self.token:
+                os.remove(f"{self.path}.owner")
+            self._lease.release()  # filelock leaves a successor's marker in place
 
-    @property
-    def lost(self) -> bool:
-        """True once another process took the lock over (our heartbeat saw a foreign token)."""
-        return self._lost
-
-    def _start_heartbeat(self) -> None:
-        def beat():
-            while not self._stop.wait(self.heartbeat_s):
-                if self._fs is not None:  # object stores: best effort (read, check, write)
-                    d = self._read()
-                    if not d or d.get("token") != self.token:
-                        self._lost = True
-                        return
-                    try:
-                        with self._fs.open(self._fpath, "wb") as f:
-                            f.write(self._content())
-                    except OSError:
-                        pass
-                    continue
-                # local files: check-then-replace under the takeover mutex, so a takeover that lands
-                # between our read and our replace is never overwritten by this refresh
-                mutex = self._take_mutex()
-                if mutex is None:
-                    continue  # a takeover (or another refresh) is in progress: beat next time
-                try:
-                    d = self._read()
-                    if not d or d.get("token") != self.token:
-                        self._lost = True
-                        return
-                    tmp = f"{self.path}.hb-{self.token[:8]}"
-                    with open(tmp, "wb") as f:
-                        f.write(self._content())
-                    os.replace(tmp, self.path)
-                except OSError:
-                    pass
-                finally:
-                    self._drop_mutex(mutex)
-
-        self._thread = threading.Thread(target=beat, name="runlock-heartbeat", daemon=True)
-        self._thread.start()
-
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+    # object stores: the record, its consistent read, conditional overwrite, create/takeover, heartbeat
+    def _content(self) -> bytes:
+        return json.dumps(self._record(heartbeat_at=_iso(time.time()), heartbeat_at_epoch=time.time())).encode()
+
+    def _read_store(self, tries: int = 5) -> tuple[bytes | None, str | None]:
+        """The record and its ETag, consistently: s3fs reads with GET If-Match: the ETag of its HEAD."""
+        try:
+            with self._fs.open(self._fpath, "rb") as f:
+                return f.read(), (getattr(f, "details", None) or {}).get("ETag")
+        except FileNotFoundError:
+            return None, None
+        except OSError as e:  # s3fs's FileExpired (EBUSY): replaced between HEAD and GET, so read again
+            if e.errno == errno.EBUSY and tries > 1:
+                return self._read_store(tries - 1)
+            raise
+
+    def _put_if(self, etag: str) -> bool:
+        """Overwrite the record only while it is the version `etag` names (S3: PUT If-Match); False if it is not."""
+        try:
+            out = self._fs.pipe_file(self._fpath, self._content(), IfMatch=etag)
+        except OSError as e:
+            if e.errno == errno.EINVAL or "Precondition" in str(e):  # s3fs's 412 PreconditionFailed
+                return False
+            raise
+        self._etag = (out or {}).get("ETag") or self._read_store()[1]
+        return True
+
+    def _acquire_store(self) -> None:
+        for _ in range(50):
+            try:
+                with self._fs.open(self._fpath, "xb") as f:
+                    f.write(self._content())
+            except FileExistsError:
+                pass
+            except (ValueError, NotImplementedError) as e:  # a backend without exclusive create
+                raise UserError(f"lock path {self.path}: its filesystem ({type(self._fs).__name__}) cannot create a "
+                                f"file exclusively (open mode 'xb': {e}); put the output root (and so its _locks/) "
+                                f"on a local/NFS path or on S3") from None
+            raw, etag = self._read_store()
+            if (owner := _parse(raw)) is None:
+                continue  # released between our attempts: try again
+            if owner.get("token") == self.token:  # read back, in case a backend ignores the "x"
+                self._etag = etag
+                return
+            owner = owner or {"host": "?", "ttl_s": self.ttl_s}  # unreadable: no run wrote it (a PUT is whole)
+            if not (info := inspect_lock(owner)).stale:
+                raise LockHeld(self.path, owner)
+            if etag is not None and not self._put_if(etag):
+                continue  # someone replaced the record we judged: look again
+            self.took_over = info
+            if etag is not None:
+                return
+            self._fs.rm(self._fpath)  # no ETag, so no conditional overwrite: best effort delete, then create
+        raise LockHeld(self.path, _parse(self._read_store()[0]) or {})
+
+    def _beat_store(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                if self._etag is not None:
+                    ours = self._put_if(self._etag)
+                elif ours := (_parse(self._read_store()[0]) or {}).get("token") == self.token:
+                    self._fs.pipe_file(self._fpath, self._content())  # no ETags: best effort read, check, write
+            except OSError:
+                continue  # transient: beat next time
+            if not ours:
+                self.lost = True
+                return

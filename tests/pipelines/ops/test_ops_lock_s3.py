@@ -1,4 +1,5 @@
-"""RunLock on an object store (s3:// against a real moto server): exclusive create, one winner of many."""
+"""RunLock on an object store (s3:// against a real moto server): exclusive create, one winner of many, stale
+takeover and heartbeats by conditional overwrite (PUT If-Match)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def s3_opts():
 def _read(url, opts):
     import fsspec
 
-    with fsspec.open(url, "rb", **opts) as f:
-        return json.loads(f.read())
+    fs, path = fsspec.core.url_to_fs(url, **opts)
+    return json.loads(fs.cat_file(path))  # a plain GET (open() reads If-Match its HEAD, which a heartbeat may race)
 
 
 def test_s3_lock_is_exclusive_and_released(s3_opts):
@@ -46,24 +47,30 @@ def test_s3_lock_is_exclusive_and_released(s3_opts):
     assert not fsspec.core.url_to_fs(url, **s3_opts)[0].exists(url)
 
 
-def test_s3_only_one_of_many_contenders_wins(s3_opts):
-    url = "s3://runs/out/_locks/race.lock"
+def contend(url, opts, ttl_s, n=6):
+    """n RunLocks on `url` acquiring at once, each in its own thread: (winners, losers)."""
     winners, losers = [], []
-    barrier = threading.Barrier(6)
+    barrier = threading.Barrier(n)
 
-    def contend():
-        lk = RunLock(url, ttl_s=60, storage_options=s3_opts)
+    def one():
+        lk = RunLock(url, ttl_s=ttl_s, storage_options=opts)
         barrier.wait()
         try:
             winners.append(lk.acquire())
         except LockHeld:
             losers.append(lk)
 
-    threads = [threading.Thread(target=contend) for _ in range(6)]
+    threads = [threading.Thread(target=one) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return winners, losers
+
+
+def test_s3_only_one_of_many_contenders_wins(s3_opts):
+    url = "s3://runs/out/_locks/race.lock"
+    winners, losers = contend(url, s3_opts, ttl_s=60)
     assert len(winners) == 1 and len(losers) == 5
     assert _read(url, s3_opts)["token"] == winners[0].token
     winners[0].release()
@@ -80,3 +87,36 @@ def test_s3_stale_lock_is_taken_over(s3_opts):
     with RunLock(url, ttl_s=3600, storage_options=s3_opts) as lock:
         assert lock.took_over is not None and "ttl" in lock.took_over.reason
         assert _read(url, s3_opts)["token"] == lock.token
+
+
+def _write(url, opts, **record):
+    import fsspec
+
+    with fsspec.open(url, "wb", **opts) as f:
+        f.write(json.dumps(record).encode())
+
+
+def test_s3_only_one_of_many_contenders_takes_a_stale_lock(s3_opts):
+    url = "s3://runs/out/_locks/stale-race.lock"
+    old = time.time() - 7200
+    _write(url, s3_opts, host="elsewhere", pid=1, token="old", started_at_epoch=old, heartbeat_at_epoch=old, ttl_s=3600)
+    winners, losers = contend(url, s3_opts, ttl_s=3600)
+    assert len(winners) == 1 and len(losers) == 5  # the takeover is a PUT If-Match: the ETag judged stale
+    assert winners[0].took_over is not None and _read(url, s3_opts)["token"] == winners[0].token
+    winners[0].release()
+
+
+def test_s3_heartbeat_refreshes_and_never_overwrites_a_takeover(s3_opts):
+    url = "s3://runs/out/_locks/beat.lock"
+    lock = RunLock(url, ttl_s=60, heartbeat_s=0.1, storage_options=s3_opts).acquire()
+    first = _read(url, s3_opts)["heartbeat_at_epoch"]
+    deadline = time.time() + 20
+    while _read(url, s3_opts)["heartbeat_at_epoch"] == first and time.time() < deadline:
+        time.sleep(0.05)
+    assert _read(url, s3_opts)["heartbeat_at_epoch"] > first
+    _write(url, s3_opts, host="elsewhere", pid=1, token="thief", heartbeat_at_epoch=time.time(), ttl_s=60)
+    while not lock.lost and time.time() < deadline:
+        time.sleep(0.05)
+    assert lock.lost
+    lock.release()
+    assert _read(url, s3_opts)["token"] == "thief"
