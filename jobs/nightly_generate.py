@@ -7,8 +7,9 @@
 Idempotent per date: a finished partition (its manifest.json exists) is a no-op; an interrupted one
 resumes (pipelines.generate commits shards exactly once). An overlap guard keeps two runs of the same
 date apart: a lock file <output_root>/_locks/dt=DATE.lock names its owner (host, pid) and start time,
-heartbeats while held, and is taken over when stale (dead pid on this host, or heartbeat older than
-lock_ttl_s). A second live run exits at once with code 75 (EX_TEMPFAIL) and says who holds the lock.
+heartbeats while held, and is taken over when stale: at once when its pid is dead on this host; when its
+heartbeat is older than lock_ttl_s, after this run has watched it for lock_ttl_s more without a refresh
+(local/NFS output roots; on S3 at once). A second live run exits at once with code 75 (EX_TEMPFAIL) and says who holds the lock.
 Exit codes: 0 done (or already done), 1 failed, 2 bad config/input, 75 another run holds the lock.
 Does not: pick dates by itself beyond today/yesterday (UTC), or backfill ranges (loop over --date).
 """
@@ -37,7 +38,9 @@ from pipelines.ops.lock import LOCKED_EXIT_CODE, LockHeld, RunLock
 class NightlyConfig:
     input_root: str = ""  # holds dt=YYYY-MM-DD/ partitions (any fsspec URL)
     output_root: str = ""  # receives dt=YYYY-MM-DD/ outputs and the _locks/ directory
-    lock_ttl_s: float = 6 * 3600  # a lock whose heartbeat is older than this is stale
+    # a lock whose heartbeat (every min(60 s, ttl/4)) is older than this is stale; a new pod (new host) then
+    # waits up to this long again before taking it over, so keep it short
+    lock_ttl_s: float = 900
     generate: dict[str, Any] = field(default_factory=dict)  # GenerateConfig keys (checkpoint, task, sampling, ...)
 
     def __post_init__(self) -> None:
