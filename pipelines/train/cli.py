@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 
 
 def _train(args) -> int:
-    from pipelines.cli import UserError
+    from pipelines.errors import UserError
     from pipelines.config import load_config
     from pipelines.train.config import TrainConfig
 

@@ -140,41 +140,8 @@ class TrainConfig:
             e.append(f"init_path is set ({self.init_path!r}) but init is 'scratch'; set init=raygpt or init=hf")
         if self.init != "scratch" and not self.init_path:
             e.append(f"init={self.init!r} needs init_path (a checkpoint / Hugging Face directory)")
-        o = self.optim
-        if not o.lr > 0:
-            e.append(f"optim.lr must be > 0, got {o.lr}")
-        if not 0 <= o.min_lr <= o.lr:
-            e.append(f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
-        if o.warmup_steps < 0:
-            e.append(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-        if o.decay_steps is not None and o.decay_steps <= o.warmup_steps:
-            e.append(f"optim.decay_steps must be > optim.warmup_steps ({o.warmup_steps}), got {o.decay_steps}")
-        if o.weight_decay < 0:
-            e.append(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-        for k in ("beta1", "beta2"):
-            if not 0 <= getattr(o, k) < 1:
-                e.append(f"optim.{k} must be in [0, 1), got {getattr(o, k)}")
-        if not o.eps > 0:
-            e.append(f"optim.eps must be > 0, got {o.eps}")
-        if o.grad_clip < 0:
-            e.append(f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}")
-        if self.num_workers < 1:
-            e.append(f"num_workers must be >= 1, got {self.num_workers}")
-        b = self.batch
-        if b.micro_batch_size < 1:
-            e.append(f"batch.micro_batch_size must be >= 1, got {b.micro_batch_size}")
-        if b.grad_accum is not None and b.grad_accum < 1:
-            e.append(f"batch.grad_accum must be >= 1, got {b.grad_accum}")
-        if b.global_batch_size is not None and b.micro_batch_size >= 1 and self.num_workers >= 1:
-            per_accum = b.micro_batch_size * self.num_workers
-            if b.global_batch_size < 1 or b.global_batch_size % per_accum:
-                e.append(f"batch.global_batch_size must be a positive multiple of batch.micro_batch_size * "
-                         f"num_workers = {b.micro_batch_size} * {self.num_workers} = {per_accum}, got "
-                         f"{b.global_batch_size}; change global_batch_size, micro_batch_size or num_workers")
-            elif b.grad_accum is not None and b.grad_accum * per_accum != b.global_batch_size:
-                e.append(f"batch.global_batch_size ({b.global_batch_size}) != micro_batch_size * grad_accum * "
-                         f"num_workers = {b.micro_batch_size} * {b.grad_accum} * {self.num_workers} = "
-                         f"{b.grad_accum * per_accum}; drop grad_accum (it is derived) or fix one of them")
+        e += _optim_problems(self.optim)
+        e += _batch_problems(self)
         if self.max_steps < 1:
             e.append(f"max_steps must be >= 1, got {self.max_steps}")
         for k in ("eval_interval", "ckpt_interval"):
@@ -252,3 +219,49 @@ class TrainConfig:
         if block_size is not None:
             ov.setdefault("block_size", block_size)
         return preset(self.model.preset, **ov)
+
+
+def _optim_problems(o: OptimSection) -> list[str]:
+    """What is wrong with the optim section (messages name the optim.* key)."""
+    e: list[str] = []
+    if not o.lr > 0:
+        e.append(f"optim.lr must be > 0, got {o.lr}")
+    if not 0 <= o.min_lr <= o.lr:
+        e.append(f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    if o.warmup_steps < 0:
+        e.append(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    if o.decay_steps is not None and o.decay_steps <= o.warmup_steps:
+        e.append(f"optim.decay_steps must be > optim.warmup_steps ({o.warmup_steps}), got {o.decay_steps}")
+    if o.weight_decay < 0:
+        e.append(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    for k in ("beta1", "beta2"):
+        if not 0 <= getattr(o, k) < 1:
+            e.append(f"optim.{k} must be in [0, 1), got {getattr(o, k)}")
+    if not o.eps > 0:
+        e.append(f"optim.eps must be > 0, got {o.eps}")
+    if o.grad_clip < 0:
+        e.append(f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}")
+    return e
+
+
+def _batch_problems(cfg: TrainConfig) -> list[str]:
+    """What is wrong with num_workers and the batch section (and how the global batch adds up)."""
+    e: list[str] = []
+    if cfg.num_workers < 1:
+        e.append(f"num_workers must be >= 1, got {cfg.num_workers}")
+    b = cfg.batch
+    if b.micro_batch_size < 1:
+        e.append(f"batch.micro_batch_size must be >= 1, got {b.micro_batch_size}")
+    if b.grad_accum is not None and b.grad_accum < 1:
+        e.append(f"batch.grad_accum must be >= 1, got {b.grad_accum}")
+    if b.global_batch_size is not None and b.micro_batch_size >= 1 and cfg.num_workers >= 1:
+        per_accum = b.micro_batch_size * cfg.num_workers
+        if b.global_batch_size < 1 or b.global_batch_size % per_accum:
+            e.append(f"batch.global_batch_size must be a positive multiple of batch.micro_batch_size * "
+                     f"num_workers = {b.micro_batch_size} * {cfg.num_workers} = {per_accum}, got "
+                     f"{b.global_batch_size}; change global_batch_size, micro_batch_size or num_workers")
+        elif b.grad_accum is not None and b.grad_accum * per_accum != b.global_batch_size:
+            e.append(f"batch.global_batch_size ({b.global_batch_size}) != micro_batch_size * grad_accum * "
+                     f"num_workers = {b.micro_batch_size} * {b.grad_accum} * {cfg.num_workers} = "
+                     f"{b.grad_accum * per_accum}; drop grad_accum (it is derived) or fix one of them")
+    return e
