@@ -179,7 +179,8 @@ def main() -> int:
         run_dir = work / "run"
         cfg = base_config(work / "data", run_dir, **{
             "num_workers": 2, "zero_stage": 2, "max_steps": STEPS, "ckpt_interval": CKPT_INTERVAL,
-            "eval_interval": 0, "keep_last_k": 2, "max_failures": 1, "throttle_s": 0.25,
+            "eval_interval": 0, "keep_last_k": 2, "max_failures": 1, "testing.throttle_s": 0.25,
+            "testing.pid_dir": str(run_dir / "workers"),
             "resources_per_worker": {"CPU": 1, SLOT: 1}, "optim.decay_steps": STEPS + 4,
             "log.tensorboard": False, "log.plot": False})
         box: dict = {}

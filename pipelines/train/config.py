@@ -23,7 +23,7 @@ from pipelines.config import ConfigError
 # keys that may change between a run and its `--resume` (everything else must match the saved config,
 # or the continued run would not be the same run)
 RESUMABLE_CHANGES = ("max_steps", "eval_interval", "eval_iters", "ckpt_interval", "keep_last_k", "keep_best",
-                     "max_failures", "resources_per_worker", "torch_threads", "throttle_s", "log", "name",
+                     "max_failures", "resources_per_worker", "torch_threads", "testing", "log", "name",
                      "shm_collectives")
 
 
@@ -84,6 +84,15 @@ class LogSection:
 
 
 @dataclass
+class TrainTesting:
+    """Test hooks: NOT for users. Real runs leave every field at its default; the failure drills, the
+    multi-node drill and the time-sliced benchmarks set them (YAML `testing.throttle_s: 0.3`)."""
+
+    throttle_s: float = 0.0  # sleep after each step, so a drill can act between steps
+    pid_dir: str | None = None  # every worker writes rank_R.pid and appends to attempts.jsonl here
+
+
+@dataclass
 class TrainConfig:
     data: str = ""  # a `raygpt prep` output directory (with manifest.json)
     run_dir: str = ""  # where checkpoints, metrics, TensorBoard events and plots go (default runs/train/<name>)
@@ -117,11 +126,11 @@ class TrainConfig:
     doc_mask: bool = False  # attention (and next-token loss) stay inside a document, from the doc_ids column
     sft: bool | None = None  # loss on completion tokens only; null = from the dataset kind
     ds_config_override: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed JSON, deep-merged last
-    throttle_s: float = 0.0  # sleep after each step (failure drills, demos); 0 in real runs
     # CPU workers that share one machine exchange DeepSpeed's all-reduces and all-gathers through /dev/shm
     # instead of gloo over TCP (1.2x a 2-worker ZeRO-2 step); off, or across machines: gloo
     shm_collectives: bool = True
     log: LogSection = field(default_factory=LogSection)
+    testing: TrainTesting = field(default_factory=TrainTesting)  # test hooks, not for users
 
     def __post_init__(self) -> None:
         e: list[str] = []
@@ -171,8 +180,8 @@ class TrainConfig:
                 e.append(f"resources_per_worker.{k} must be a number >= 0, got {v!r}")
         if self.torch_threads < 0:
             e.append(f"torch_threads must be >= 0 (0 = the worker's CPUs), got {self.torch_threads}")
-        if self.throttle_s < 0:
-            e.append(f"throttle_s must be >= 0, got {self.throttle_s}")
+        if self.testing.throttle_s < 0:
+            e.append(f"testing.throttle_s must be >= 0, got {self.testing.throttle_s}")
         if self.log.interval < 1:
             e.append(f"log.interval must be >= 1, got {self.log.interval}")
         if self.log.peak_flops < 0:

@@ -216,6 +216,8 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
         cfg.data = str(Path(cfg.data).resolve())
     if cfg.init_path and "://" not in cfg.init_path:
         cfg.init_path = str(Path(cfg.init_path).resolve())
+    if cfg.testing.pid_dir:
+        cfg.testing.pid_dir = str(Path(cfg.testing.pid_dir).resolve())
     plan = validate(cfg, resume)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

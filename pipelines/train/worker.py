@@ -198,7 +198,9 @@ def setup_worker(payload: dict[str, Any], rank: int, world: int, local_rank: int
     model_cfg = GPTConfig.from_dict(payload["model_config"])
     run_dir = Path(payload["run_dir"])
     dist = Dist(world)
-    record_pid(str(run_dir / WORKERS_DIR), rank)
+    (run_dir / WORKERS_DIR).mkdir(parents=True, exist_ok=True)
+    if cfg.testing.pid_dir:
+        record_pid(cfg.testing.pid_dir, rank)
     timeline = {"driver_start": payload.get("driver_start"), "worker_start": time.time()}
     device = _process_setup(cfg, local_rank)
 

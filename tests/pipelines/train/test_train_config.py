@@ -167,3 +167,14 @@ def test_exponent_numbers_without_a_dot_are_numbers_in_files_and_overrides(tmp_p
     assert (c.optim.lr, c.optim.min_lr, c.optim.weight_decay) == (6e-4, 6e-5, 1e-2)
     with pytest.raises(ConfigError, match=r"optim.lr: expected a number, got 'fast'"):
         _cfg(**{"optim.lr": "fast"})
+
+
+def test_test_hooks_live_in_the_testing_section_only():
+    """Test hooks are not product keys: throttle_s and pid_dir sit under `testing:`, off by default."""
+    assert _cfg().testing.throttle_s == 0 and _cfg().testing.pid_dir is None
+    cfg = _cfg(**{"testing.throttle_s": 0.5, "testing.pid_dir": "/tmp/pids"})
+    assert cfg.testing.throttle_s == 0.5 and cfg.testing.pid_dir == "/tmp/pids"
+    with pytest.raises(ConfigError, match="unknown config key.*'throttle_s'"):
+        _cfg(throttle_s=0.5)
+    with pytest.raises(ConfigError, match=r"testing\.throttle_s must be >= 0, got -1"):
+        _cfg(**{"testing.throttle_s": -1})
