@@ -24,7 +24,7 @@ from pipelines.config import ConfigError
 # or the continued run would not be the same run)
 RESUMABLE_CHANGES = ("max_steps", "eval_interval", "eval_iters", "ckpt_interval", "keep_last_k", "keep_best",
                      "max_failures", "resources_per_worker", "torch_threads", "testing", "log", "name",
-                     "shm_collectives")
+                     "shm_collectives", "shm_collectives_timeout_s")
 
 
 def _raise(errors: list[str]) -> None:
@@ -129,6 +129,9 @@ class TrainConfig:
     # CPU workers that share one machine exchange DeepSpeed's all-reduces and all-gathers through /dev/shm
     # instead of gloo over TCP (1.2x a 2-worker ZeRO-2 step); off, or across machines: gloo
     shm_collectives: bool = True
+    # longest wait for a peer inside one shared-memory collective before the run fails with an error
+    # naming the stuck rank (a dead peer is noticed within a second regardless)
+    shm_collectives_timeout_s: float = 300.0
     log: LogSection = field(default_factory=LogSection)
     testing: TrainTesting = field(default_factory=TrainTesting)  # test hooks, not for users
 
@@ -180,6 +183,8 @@ class TrainConfig:
                 e.append(f"resources_per_worker.{k} must be a number >= 0, got {v!r}")
         if self.torch_threads < 0:
             e.append(f"torch_threads must be >= 0 (0 = the worker's CPUs), got {self.torch_threads}")
+        if not self.shm_collectives_timeout_s > 0:
+            e.append(f"shm_collectives_timeout_s must be > 0 seconds, got {self.shm_collectives_timeout_s}")
         if self.testing.throttle_s < 0:
             e.append(f"testing.throttle_s must be >= 0, got {self.testing.throttle_s}")
         if self.log.interval < 1:
