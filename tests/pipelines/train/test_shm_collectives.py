@@ -22,7 +22,8 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, mode: str, q) -> None:
+def _process_group(rank: int, world: int, port: int) -> None:
+    """This process joins a gloo group of `world` ranks, and DeepSpeed's comm layer wraps it (CPU)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK="0", DS_ACCELERATOR="cpu")
     import torch
@@ -36,6 +37,14 @@ def _worker(rank: int, world: int, port: int, mode: str, q) -> None:
 
     _skip_shm_build()
     dc.init_distributed("gloo", auto_mpi_discovery=False, dist_init_required=False)
+
+
+def _worker(rank: int, world: int, port: int, mode: str, q) -> None:
+    _process_group(rank, world, port)
+    import deepspeed.comm as dc
+    import torch
+    import torch.distributed as tdist
+
     from pipelines.train.shm_collectives import install
 
     try:
@@ -104,26 +113,20 @@ def test_a_dead_rank_is_an_error_not_a_hang():
     assert "died during a shared-memory collective" in out[0], out
 
 
-def _stuck_worker(rank: int, world: int, port: int, timeout_s: float, q, go) -> None:
+def _stuck_worker(rank: int, world: int, port: int, timeout_s: float, conn, go) -> None:
     """After a first collective the test SIGSTOPs rank 1; rank 0's next one must time out naming it.
-    Before that, a DeepSpeed version this module was not written against keeps gloo (and warns)."""
+    Before that, a DeepSpeed version this module was not written against keeps gloo (and warns). Results go
+    through a pipe per rank (a send is done when it returns: a multiprocessing.Queue's feeder thread could be
+    stopped holding the queue's lock)."""
     import time
     import warnings
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK="0", DS_ACCELERATOR="cpu")
-    import torch
-    import torch.distributed as tdist
-
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    _process_group(rank, world, port)
     import deepspeed.comm as dc
+    import torch
 
     from pipelines.train import shm_collectives as shm
-    from pipelines.train.deepspeed import _skip_shm_build
 
-    _skip_shm_build()
-    dc.init_distributed("gloo", auto_mpi_discovery=False, dist_init_required=False)
     out: dict = {}
     try:
         orig = dc.all_reduce
@@ -139,7 +142,7 @@ def _stuck_worker(rank: int, world: int, port: int, timeout_s: float, q, go) -> 
         dc.all_reduce(first)  # both ranks: the segments exist from here on
         out["first"] = first.tolist()
         if rank == 1:
-            q.put((rank, {**out, "pid": os.getpid()}))
+            conn.send((rank, {**out, "pid": os.getpid()}))
             time.sleep(600)  # stopped here by the test: a live peer that never arrives
             return
         go.wait(120)  # the test has stopped rank 1
@@ -151,9 +154,9 @@ def _stuck_worker(rank: int, world: int, port: int, timeout_s: float, q, go) -> 
             out["error"] = str(e)
             out["user_error"] = isinstance(e, shm.UserError)
         out["waited_s"] = time.monotonic() - t0
-        q.put((rank, out))
+        conn.send((rank, out))
     except Exception as e:  # noqa: BLE001
-        q.put((rank, f"error: {type(e).__name__}: {e}"))
+        conn.send((rank, f"error: {type(e).__name__}: {e}"))
 
 
 def test_a_stopped_rank_is_a_timeout_error_naming_it():
@@ -162,20 +165,24 @@ def test_a_stopped_rank_is_a_timeout_error_naming_it():
 
     timeout_s = 3.0
     ctx = mp.get_context("spawn")
-    q, go = ctx.Queue(), ctx.Event()
+    pipes, go = [ctx.Pipe(duplex=False) for _ in range(2)], ctx.Event()  # (receive end, send end)
     port = _port()
-    ps = [ctx.Process(target=_stuck_worker, args=(r, 2, port, timeout_s, q, go)) for r in range(2)]
+    ps = [ctx.Process(target=_stuck_worker, args=(r, 2, port, timeout_s, pipes[r][1], go)) for r in range(2)]
     for p in ps:
         p.start()
-    out = {}
-    try:
-        r, v = q.get(timeout=180)
+
+    def result(rank: int):
+        assert pipes[rank][0].poll(180), f"rank {rank} reported nothing in 180 s"
+        r, v = pipes[rank][0].recv()
         out[r] = v
-        assert r == 1 and isinstance(v, dict), out  # rank 0 waits for `go`
+        return v
+
+    out: dict = {}
+    try:
+        assert isinstance(result(1), dict), out  # rank 0 waits for `go`
         os.kill(ps[1].pid, signal.SIGSTOP)
         go.set()
-        r, v = q.get(timeout=180)
-        out[r] = v
+        result(0)
     finally:
         for p in ps:
             if p.is_alive():
