@@ -212,7 +212,8 @@ def raygpt_run(name: str, overrides: list[str], recipe: Path = RECIPE) -> dict:
 
     rd = RUNS / name
     shutil.rmtree(rd, ignore_errors=True)
-    cfg = load_config(TrainConfig, recipe, [f"data={DATA}", f"run_dir={rd}", "log.progress=false", *overrides])
+    cfg = load_config(TrainConfig, recipe, [f"data={DATA}", f"run_dir={rd}", "log.progress=false",
+                                               f"testing.pid_dir={rd / 'workers'}", *overrides])
     t0 = time.time()
     res = run(cfg)
     wall = time.time() - t0

@@ -179,7 +179,11 @@ def main() -> int:
         run_dir = work / "run"
         cfg = base_config(work / "data", run_dir, **{
             "num_workers": 2, "zero_stage": 2, "max_steps": STEPS, "ckpt_interval": CKPT_INTERVAL,
-            "eval_interval": 0, "keep_last_k": 2, "max_failures": 1, "throttle_s": 0.25,
+            "eval_interval": 0, "keep_last_k": 2, "max_failures": 1, "testing.throttle_s": 0.25,
+            "testing.pid_dir": str(run_dir / "workers"),
+            # both "nodes" share this machine: without this, DeepSpeed's collectives would go through
+            # /dev/shm; the drill is about gloo across nodes
+            "shm_collectives": False,
             "resources_per_worker": {"CPU": 1, SLOT: 1}, "optim.decay_steps": STEPS + 4,
             "log.tensorboard": False, "log.plot": False})
         box: dict = {}
@@ -224,6 +228,8 @@ def main() -> int:
             "train_steps": [r["step"] for r in _jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "train"],
             "resumed": [r for r in _jsonl(run_dir / "metrics.jsonl") if r.get("event") == "resumed"],
             "checkpoints": _jsonl(run_dir / "checkpoints.jsonl"),
+            "collectives": [r.get("collectives") for r in _jsonl(run_dir / "metrics.jsonl")
+                            if r.get("event") == "worker_ready"],
             "wall_s": time.time() - t_start,
         })
         return 0

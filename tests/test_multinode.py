@@ -131,6 +131,9 @@ def test_prep_and_two_worker_training_one_worker_per_node(drill):
     placed = {a["rank"]: _node_of(a) for a in first}
     assert placed[0] != placed[1], f"both ranks ran on node {placed[0]}"
     assert set(placed.values()) == {nodes["head"], nodes["worker"]}
+    # DeepSpeed's collectives crossed the "nodes" over gloo (shared memory is off in the drill: both
+    # nodes are on one machine, where it would otherwise take over)
+    assert res["collectives"] and set(res["collectives"]) == {"gloo"}, res["collectives"]
     # checkpoints hold both ranks' ZeRO-2 shards, written from the two nodes into the shared run dir
     from pipelines.train import state as st
 

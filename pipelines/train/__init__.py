@@ -4,7 +4,8 @@
     result = run(load_config(TrainConfig, "jobs/configs/train-debug.yaml", ["data=runs/data/x"]))
 
 Modules: config (TrainConfig), data (reading prep output), deepspeed (DS config + engine), state
-(checkpoint layout/verification), loop (the per-worker loop; the only ray.train caller), trainer
+(checkpoint layout/verification), worker (one rank's state, restore, evaluate, step and checkpoint
+files), loop (joins them to Ray Train; the only ray.train caller), shm_collectives (CPU fast path), trainer
 (validation + TorchTrainer), metrics (JSONL/TensorBoard/plot/MFU), cli. Light to import: torch, ray
 and deepspeed load only when a run starts.
 """

@@ -49,6 +49,8 @@ def _train(args) -> int:
             raise UserError(f"--resume {args.resume}: {saved} is missing; not a raygpt training run dir")
         if not args.config:
             base = json.loads(saved.read_text())["config"]
+            if "throttle_s" in base:  # a run dir from before the `testing:` section
+                base.setdefault("testing", {})["throttle_s"] = base.pop("throttle_s")
     elif not args.config:
         raise UserError("--config FILE is required (or --resume RUN_DIR)")
     cfg = load_config(TrainConfig, args.config, args.overrides, base=base)

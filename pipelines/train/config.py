@@ -23,8 +23,8 @@ from pipelines.config import ConfigError
 # keys that may change between a run and its `--resume` (everything else must match the saved config,
 # or the continued run would not be the same run)
 RESUMABLE_CHANGES = ("max_steps", "eval_interval", "eval_iters", "ckpt_interval", "keep_last_k", "keep_best",
-                     "max_failures", "resources_per_worker", "torch_threads", "throttle_s", "log", "name",
-                     "shm_collectives")
+                     "max_failures", "resources_per_worker", "torch_threads", "testing", "log", "name",
+                     "shm_collectives", "shm_collectives_timeout_s")
 
 
 def _raise(errors: list[str]) -> None:
@@ -84,6 +84,15 @@ class LogSection:
 
 
 @dataclass
+class TrainTesting:
+    """Test hooks: NOT for users. Real runs leave every field at its default; the failure drills, the
+    multi-node drill and the time-sliced benchmarks set them (YAML `testing.throttle_s: 0.3`)."""
+
+    throttle_s: float = 0.0  # sleep after each step, so a drill can act between steps
+    pid_dir: str | None = None  # every worker writes rank_R.pid and appends to attempts.jsonl here
+
+
+@dataclass
 class TrainConfig:
     data: str = ""  # a `raygpt prep` output directory (with manifest.json)
     run_dir: str = ""  # where checkpoints, metrics, TensorBoard events and plots go (default runs/train/<name>)
@@ -117,11 +126,14 @@ class TrainConfig:
     doc_mask: bool = False  # attention (and next-token loss) stay inside a document, from the doc_ids column
     sft: bool | None = None  # loss on completion tokens only; null = from the dataset kind
     ds_config_override: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed JSON, deep-merged last
-    throttle_s: float = 0.0  # sleep after each step (failure drills, demos); 0 in real runs
     # CPU workers that share one machine exchange DeepSpeed's all-reduces and all-gathers through /dev/shm
     # instead of gloo over TCP (1.2x a 2-worker ZeRO-2 step); off, or across machines: gloo
     shm_collectives: bool = True
+    # longest wait for a peer inside one shared-memory collective before the run fails with an error
+    # naming the stuck rank (a dead peer is noticed within a second regardless)
+    shm_collectives_timeout_s: float = 300.0
     log: LogSection = field(default_factory=LogSection)
+    testing: TrainTesting = field(default_factory=TrainTesting)  # test hooks, not for users
 
     def __post_init__(self) -> None:
         e: list[str] = []
@@ -140,41 +152,8 @@ class TrainConfig:
             e.append(f"init_path is set ({self.init_path!r}) but init is 'scratch'; set init=raygpt or init=hf")
         if self.init != "scratch" and not self.init_path:
             e.append(f"init={self.init!r} needs init_path (a checkpoint / Hugging Face directory)")
-        o = self.optim
-        if not o.lr > 0:
-            e.append(f"optim.lr must be > 0, got {o.lr}")
-        if not 0 <= o.min_lr <= o.lr:
-            e.append(f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
-        if o.warmup_steps < 0:
-            e.append(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-        if o.decay_steps is not None and o.decay_steps <= o.warmup_steps:
-            e.append(f"optim.decay_steps must be > optim.warmup_steps ({o.warmup_steps}), got {o.decay_steps}")
-        if o.weight_decay < 0:
-            e.append(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-        for k in ("beta1", "beta2"):
-            if not 0 <= getattr(o, k) < 1:
-                e.append(f"optim.{k} must be in [0, 1), got {getattr(o, k)}")
-        if not o.eps > 0:
-            e.append(f"optim.eps must be > 0, got {o.eps}")
-        if o.grad_clip < 0:
-            e.append(f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}")
-        if self.num_workers < 1:
-            e.append(f"num_workers must be >= 1, got {self.num_workers}")
-        b = self.batch
-        if b.micro_batch_size < 1:
-            e.append(f"batch.micro_batch_size must be >= 1, got {b.micro_batch_size}")
-        if b.grad_accum is not None and b.grad_accum < 1:
-            e.append(f"batch.grad_accum must be >= 1, got {b.grad_accum}")
-        if b.global_batch_size is not None and b.micro_batch_size >= 1 and self.num_workers >= 1:
-            per_accum = b.micro_batch_size * self.num_workers
-            if b.global_batch_size < 1 or b.global_batch_size % per_accum:
-                e.append(f"batch.global_batch_size must be a positive multiple of batch.micro_batch_size * "
-                         f"num_workers = {b.micro_batch_size} * {self.num_workers} = {per_accum}, got "
-                         f"{b.global_batch_size}; change global_batch_size, micro_batch_size or num_workers")
-            elif b.grad_accum is not None and b.grad_accum * per_accum != b.global_batch_size:
-                e.append(f"batch.global_batch_size ({b.global_batch_size}) != micro_batch_size * grad_accum * "
-                         f"num_workers = {b.micro_batch_size} * {b.grad_accum} * {self.num_workers} = "
-                         f"{b.grad_accum * per_accum}; drop grad_accum (it is derived) or fix one of them")
+        e += _optim_problems(self.optim)
+        e += _batch_problems(self)
         if self.max_steps < 1:
             e.append(f"max_steps must be >= 1, got {self.max_steps}")
         for k in ("eval_interval", "ckpt_interval"):
@@ -204,8 +183,10 @@ class TrainConfig:
                 e.append(f"resources_per_worker.{k} must be a number >= 0, got {v!r}")
         if self.torch_threads < 0:
             e.append(f"torch_threads must be >= 0 (0 = the worker's CPUs), got {self.torch_threads}")
-        if self.throttle_s < 0:
-            e.append(f"throttle_s must be >= 0, got {self.throttle_s}")
+        if not self.shm_collectives_timeout_s > 0:
+            e.append(f"shm_collectives_timeout_s must be > 0 seconds, got {self.shm_collectives_timeout_s}")
+        if self.testing.throttle_s < 0:
+            e.append(f"testing.throttle_s must be >= 0, got {self.testing.throttle_s}")
         if self.log.interval < 1:
             e.append(f"log.interval must be >= 1, got {self.log.interval}")
         if self.log.peak_flops < 0:
@@ -252,3 +233,49 @@ class TrainConfig:
         if block_size is not None:
             ov.setdefault("block_size", block_size)
         return preset(self.model.preset, **ov)
+
+
+def _optim_problems(o: OptimSection) -> list[str]:
+    """What is wrong with the optim section (messages name the optim.* key)."""
+    e: list[str] = []
+    if not o.lr > 0:
+        e.append(f"optim.lr must be > 0, got {o.lr}")
+    if not 0 <= o.min_lr <= o.lr:
+        e.append(f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    if o.warmup_steps < 0:
+        e.append(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    if o.decay_steps is not None and o.decay_steps <= o.warmup_steps:
+        e.append(f"optim.decay_steps must be > optim.warmup_steps ({o.warmup_steps}), got {o.decay_steps}")
+    if o.weight_decay < 0:
+        e.append(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    for k in ("beta1", "beta2"):
+        if not 0 <= getattr(o, k) < 1:
+            e.append(f"optim.{k} must be in [0, 1), got {getattr(o, k)}")
+    if not o.eps > 0:
+        e.append(f"optim.eps must be > 0, got {o.eps}")
+    if o.grad_clip < 0:
+        e.append(f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}")
+    return e
+
+
+def _batch_problems(cfg: TrainConfig) -> list[str]:
+    """What is wrong with num_workers and the batch section (and how the global batch adds up)."""
+    e: list[str] = []
+    if cfg.num_workers < 1:
+        e.append(f"num_workers must be >= 1, got {cfg.num_workers}")
+    b = cfg.batch
+    if b.micro_batch_size < 1:
+        e.append(f"batch.micro_batch_size must be >= 1, got {b.micro_batch_size}")
+    if b.grad_accum is not None and b.grad_accum < 1:
+        e.append(f"batch.grad_accum must be >= 1, got {b.grad_accum}")
+    if b.global_batch_size is not None and b.micro_batch_size >= 1 and cfg.num_workers >= 1:
+        per_accum = b.micro_batch_size * cfg.num_workers
+        if b.global_batch_size < 1 or b.global_batch_size % per_accum:
+            e.append(f"batch.global_batch_size must be a positive multiple of batch.micro_batch_size * "
+                     f"num_workers = {b.micro_batch_size} * {cfg.num_workers} = {per_accum}, got "
+                     f"{b.global_batch_size}; change global_batch_size, micro_batch_size or num_workers")
+        elif b.grad_accum is not None and b.grad_accum * per_accum != b.global_batch_size:
+            e.append(f"batch.global_batch_size ({b.global_batch_size}) != micro_batch_size * grad_accum * "
+                     f"num_workers = {b.micro_batch_size} * {b.grad_accum} * {cfg.num_workers} = "
+                     f"{b.grad_accum * per_accum}; drop grad_accum (it is derived) or fix one of them")
+    return e

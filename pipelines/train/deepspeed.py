@@ -162,12 +162,22 @@ def build_engine(cfg: TrainConfig, model, world_size: int):
         # gradient, all-reduce it over a group of one and copy it back after each backward (~4% of a
         # step of the nanoGPT CPU recipe, measured)
         engine.enable_backward_allreduce = False
-    if world_size > 1 and not cfg.use_gpu and cfg.shm_collectives:
-        from pipelines.train.shm_collectives import install
-
-        # CPU workers on one machine: gradients and parameters through /dev/shm, not gloo's TCP
-        engine.raygpt_collectives = "shm" if install() else "gloo"
+    engine.raygpt_collectives = install_collectives(cfg, world_size)
     return engine, engine.optimizer
+
+
+def install_collectives(cfg: TrainConfig, world_size: int) -> str | None:
+    """The one place that may swap DeepSpeed's collectives (every rank calls it, after deepspeed.initialize):
+    CPU workers that all share one machine exchange gradients and parameters through /dev/shm instead of
+    gloo's TCP (pipelines/train/shm_collectives.py, guarded by the DeepSpeed version). -> "shm" | "gloo" |
+    None (one worker or GPUs: nothing to choose)."""
+    if world_size < 2 or cfg.use_gpu:
+        return None
+    if not cfg.shm_collectives:
+        return "gloo"
+    from pipelines.train import shm_collectives
+
+    return "shm" if shm_collectives.install(timeout_s=cfg.shm_collectives_timeout_s) else "gloo"
 
 
 def set_lr(optimizer, lr: float) -> None:

@@ -1,70 +1,172 @@
-"""Shared-memory collectives for CPU workers on one machine, under DeepSpeed.
+"""Shared-memory collectives for CPU workers on one machine, under DeepSpeed (instead of gloo over TCP).
 
-    install()   # after deepspeed.initialize, in every rank: True when it took over
+    from pipelines.train import shm_collectives
+    shm_collectives.install(timeout_s=300)   # every rank, after deepspeed.initialize: True when it took over
+    shm_collectives.uninstall()              # DeepSpeed's own functions back (tests; a second install does it too)
 
-What DeepSpeed's ZeRO and its data-parallel all-reduce call most (`deepspeed.comm.all_reduce` with SUM and
-`deepspeed.comm.all_gather_into_tensor`, blocking, over the whole world) is served from /dev/shm instead of
-gloo over TCP: every rank copies its tensor into its own shared segment, a spin barrier on a shared flag
-array, every rank reads all segments in rank order (so every rank computes the same sum, bit for bit),
-another barrier. gloo over this kind of machine's loopback takes 3-6 ms for a 3.2 MB all-reduce; the
-2-worker ZeRO-2 step of the nanoGPT recipe ran 1.21x faster (time-sliced A/B, BENCHMARKS.md "Training" (b)).
+The one seam: pipelines.train.deepspeed.build_engine calls install() (TrainConfig.shm_collectives,
+shm_collectives_timeout_s); nothing else patches deepspeed.comm. What DeepSpeed's ZeRO and its
+data-parallel all-reduce call most (`deepspeed.comm.all_reduce` with SUM and
+`deepspeed.comm.all_gather_into_tensor`, blocking, over the whole world) is served from /dev/shm: every
+rank copies its tensor into its own shared segment, a barrier, every rank reads all segments in rank order
+(so every rank computes the same sum, bit for bit), another barrier. gloo over this kind of machine's
+loopback takes 3-6 ms for a 3.2 MB all-reduce; the 2-worker ZeRO-2 step of the nanoGPT recipe ran 1.21x
+faster (time-sliced A/B, BENCHMARKS.md "Training" (b)).
 
-Only where it is safe: every rank on the same host (checked by hostname and boot id), an x86-64 CPU (its
-stores become visible in order, which the flag-after-data protocol relies on), and /dev/shm with room
-for the segments (else that call goes to gloo). A rank that dies while the others wait is noticed (its
-pid is gone) and the waiting ranks raise instead of spinning forever. Everything else (async calls,
-other ops, sub-groups) goes to DeepSpeed's own implementation. Does not: work across machines.
+Safety:
+- Version guard: written against deepspeed.comm of DeepSpeed DEEPSPEED_VERSIONS (its module-level
+  all_reduce / all_gather_into_tensor, looked up by callers at call time). On another version every rank
+  keeps gloo and rank 0 warns (RuntimeWarning); likewise when a rank is on another host (hostname + boot
+  id), /dev/shm is not writable, or libc has no POSIX semaphores.
+- Memory ordering: the barrier is built on POSIX named semaphores (sem_post / sem_timedwait through
+  ctypes, one per rank, in /dev/shm): at a barrier each rank posts every other rank's semaphore once and
+  takes its own world-1 times. POSIX lists sem_post and sem_wait/sem_timedwait among the functions that
+  synchronise memory (XBD 4.12; glibc: a release fetch-add and an acquire compare-exchange on the
+  semaphore word), so what a rank wrote to its segment before posting is visible to every rank that
+  returned from its wait, on any CPU architecture; no argument from a CPU's store order is needed. The
+  per-rank epoch flags beside the semaphores are plain stores used only to name a missing rank in errors.
+- Every wait is bounded: spin on sem_trywait briefly, then sem_timedwait in slices of at most 1 s. A peer
+  whose process is gone (or a zombie) raises ShmCollectiveError "rank R (pid P) died during a
+  shared-memory collective" within a slice; a live peer that does not arrive (stopped, hung) raises
+  ShmCollectiveError naming the rank(s), the collective and the timeout once timeout_s have passed.
+Everything else (async calls, other ops, sub-groups, GPU tensors, no room in /dev/shm) goes to DeepSpeed's
+own implementation. Does not: work across machines, or time out the gloo calls it makes while setting up.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
-import platform
 import socket
 import time
 import uuid
+import warnings
 from pathlib import Path
 
+from pipelines.errors import UserError
+
 SHM = Path("/dev/shm")
+DEEPSPEED_VERSIONS = ("0.19.8",)  # the deepspeed.comm this module was written and tested against
+DEFAULT_TIMEOUT_S = 300.0
 _FLAG_STRIDE = 8  # int64s per rank flag (64 bytes: one cache line each)
+_SPINS = 200  # sem_trywait tries before blocking (a peer a few microseconds behind costs no syscall)
+_SLICE_S = 1.0  # longest single blocking wait: how soon a dead peer is noticed
+
+
+class ShmCollectiveError(UserError, RuntimeError):
+    """A shared-memory collective cannot complete: a peer died or did not arrive within the timeout."""
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _libc():
+    """libc with the POSIX semaphore functions typed, or None (glibc < 2.34 keeps them in libpthread)."""
+    for name in ("c", "pthread"):
+        path = ctypes.util.find_library(name)
+        if not path:
+            continue
+        lib = ctypes.CDLL(path, use_errno=True)
+        if not all(hasattr(lib, f) for f in ("sem_open", "sem_post", "sem_trywait", "sem_timedwait",
+                                             "sem_close", "sem_unlink")):
+            continue
+        lib.sem_open.restype = ctypes.c_void_p
+        lib.sem_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_uint]
+        for f in ("sem_post", "sem_trywait", "sem_close"):
+            getattr(lib, f).argtypes = [ctypes.c_void_p]
+        lib.sem_timedwait.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Timespec)]
+        lib.sem_unlink.argtypes = [ctypes.c_char_p]
+        return lib
+    return None
+
+
+def _sem_open(lib, name: bytes, create: bool) -> int:
+    h = lib.sem_open(name, (os.O_CREAT | os.O_EXCL) if create else 0, 0o600, 0)
+    if not h:  # SEM_FAILED is NULL in glibc
+        raise ShmCollectiveError(f"sem_open({name.decode()}) failed: {os.strerror(ctypes.get_errno())}")
+    return h
 
 
 class ShmCollectives:
-    def __init__(self, rank: int, world: int, tag: str, pids: list[int]):
+    def __init__(self, rank: int, world: int, tag: str, pids: list[int], timeout_s: float = DEFAULT_TIMEOUT_S,
+                 lib=None):
         import torch
         import torch.distributed as tdist
 
-        self.rank, self.world, self.tag, self.pids = rank, world, tag, pids
-        self.cap, self.segs, self.epoch = 0, [], 0
+        self.rank, self.world, self.tag, self.pids, self.timeout_s = rank, world, tag, pids, float(timeout_s)
+        self.cap, self.segs, self.epoch, self.calls = 0, [], 0, 0
+        self.lib = lib = lib or _libc()
         flags = SHM / f"{tag}-flags"
         if rank == 0:
             with open(flags, "wb") as f:
                 f.truncate(8 * _FLAG_STRIDE * world)
+        names = [f"/{tag}-s{r}".encode() for r in range(world)]  # /dev/shm/sem.<tag>-s<r>
+        own = _sem_open(lib, names[rank], create=True)
         tdist.barrier()
+        self.sems = [own if r == rank else _sem_open(lib, names[r], create=False) for r in range(world)]
         self.flags = torch.from_file(str(flags), shared=True, size=_FLAG_STRIDE * world, dtype=torch.int64)
         tdist.barrier()
+        # every rank has them open: nothing is left behind in /dev/shm if a rank dies later
+        lib.sem_unlink(names[rank])
         if rank == 0:
-            flags.unlink()  # every rank has it mapped; nothing is left behind if a rank dies later
+            flags.unlink()
 
-    def _barrier(self) -> None:
+    def close(self) -> None:
+        for h in self.sems:
+            self.lib.sem_close(h)
+        self.sems = []
+
+    # ---- the barrier ------------------------------------------------------------------------
+
+    def _barrier(self, op: str) -> None:
+        """Every rank arrives before any leaves; memory written before it is visible to all after it."""
         self.epoch += 1
-        e, fl = self.epoch, self.flags
-        fl[self.rank * _FLAG_STRIDE] = e
-        others = [r for r in range(self.world) if r != self.rank]
-        spins, t0 = 0, None
-        while True:
-            if all(int(fl[r * _FLAG_STRIDE]) >= e for r in others):
+        self.flags[self.rank * _FLAG_STRIDE] = self.epoch  # diagnostics only: who has arrived
+        for r in range(self.world):
+            if r != self.rank:
+                self.lib.sem_post(self.sems[r])
+        mine = self.sems[self.rank]
+        for _ in range(self.world - 1):
+            self._take(mine, op)
+
+    def _take(self, sem: int, op: str) -> None:
+        lib = self.lib
+        for _ in range(_SPINS):
+            if lib.sem_trywait(sem) == 0:
                 return
-            spins += 1
-            if spins > 200:  # a long wait (a peer checkpointing): stop burning the core it may need
-                time.sleep(0.0002 if spins < 5000 else 0.001)
-                t0 = t0 or time.monotonic()
-                if time.monotonic() - t0 > 1.0:
-                    t0 = time.monotonic()
-                    for r in others:
-                        if not _alive(self.pids[r]):
-                            raise RuntimeError(f"rank {r} (pid {self.pids[r]}) died during a shared-memory "
-                                               f"collective")
+        start = time.monotonic()
+        deadline = start + self.timeout_s
+        ts = _Timespec()
+        while True:
+            now = time.monotonic()
+            wait = min(_SLICE_S, max(0.0, deadline - now))
+            t = time.time() + wait
+            ts.tv_sec, ts.tv_nsec = int(t), int((t - int(t)) * 1e9)
+            if lib.sem_timedwait(sem, ctypes.byref(ts)) == 0:
+                return
+            # ETIMEDOUT or EINTR: is a peer gone, or has the whole timeout passed?
+            self._check_peers(op)
+            if time.monotonic() >= deadline:
+                raise self._timeout_error(op, time.monotonic() - start)
+
+    def _check_peers(self, op: str) -> None:
+        for r in range(self.world):
+            if r != self.rank and not _alive(self.pids[r]):
+                raise ShmCollectiveError(f"rank {r} (pid {self.pids[r]}) died during a shared-memory collective "
+                                         f"({op}, call {self.calls}); rank {self.rank} stops waiting for it")
+
+    def _timeout_error(self, op: str, waited: float) -> ShmCollectiveError:
+        late = [r for r in range(self.world) if r != self.rank and int(self.flags[r * _FLAG_STRIDE]) < self.epoch]
+        who = ", ".join(f"rank {r} (pid {self.pids[r]})" for r in late) or "a peer"
+        return ShmCollectiveError(
+            f"shared-memory {op} timed out: {who} did not reach the collective (call {self.calls}) within "
+            f"shm_collectives_timeout_s={self.timeout_s:g} s; rank {self.rank} waited {waited:.1f} s. The peer "
+            f"is alive but stuck (stopped, hung, or far slower); raise shm_collectives_timeout_s, or set "
+            f"shm_collectives=false to use gloo")
+
+    # ---- segments and collectives -----------------------------------------------------------
 
     def _ensure(self, nbytes: int) -> bool:
         """Segments of at least nbytes per rank (collective: every rank calls it with the same size)."""
@@ -100,12 +202,13 @@ class ShmCollectives:
         n = t.numel()
         if not self._ensure(n * t.element_size()):
             return False
+        self.calls += 1
         self._view(self.rank, t.dtype, n).copy_(t.reshape(-1))
-        self._barrier()
+        self._barrier("all_reduce")
         acc = self._view(0, t.dtype, n).clone()
         for r in range(1, self.world):
             acc += self._view(r, t.dtype, n)
-        self._barrier()  # nobody overwrites its segment before everyone has read it
+        self._barrier("all_reduce")  # nobody overwrites its segment before everyone has read it
         t.copy_(acc.view_as(t))
         return True
 
@@ -113,12 +216,13 @@ class ShmCollectives:
         n = inp.numel()
         if out.numel() != n * self.world or out.dtype != inp.dtype or not self._ensure(n * inp.element_size()):
             return False
+        self.calls += 1
         self._view(self.rank, inp.dtype, n).copy_(inp.reshape(-1))
-        self._barrier()
+        self._barrier("all_gather_into_tensor")
         flat = out.view(-1)
         for r in range(self.world):
             flat[r * n:(r + 1) * n].copy_(self._view(r, inp.dtype, n))
-        self._barrier()
+        self._barrier("all_gather_into_tensor")
         return True
 
 
@@ -136,22 +240,72 @@ def _host_id() -> str:
     return f"{socket.gethostname()}/{boot.read_text().strip() if boot.is_file() else ''}"
 
 
-def install() -> bool:
+def deepspeed_problem(version: str) -> str | None:
+    """Why this DeepSpeed version may not be patched (None: it is one this module was written against)."""
+    if version in DEEPSPEED_VERSIONS:
+        return None
+    return (f"shm_collectives was written against DeepSpeed {', '.join(DEEPSPEED_VERSIONS)} (the functions of "
+            f"deepspeed.comm it replaces), found {version}; using gloo. Check pipelines/train/shm_collectives.py "
+            f"against this version and add it to DEEPSPEED_VERSIONS, or set shm_collectives=false")
+
+
+def _decide(every: list[dict]) -> tuple[bool, str | None]:
+    """(use shared memory?, why not: a warning, or None when there is nothing to warn about). The same
+    answer on every rank: it is computed from what all ranks reported."""
+    if any(e["host"] != every[0]["host"] for e in every):
+        return False, None  # across machines: gloo, as designed
+    for e in every:
+        if e["deepspeed"]:
+            return False, e["deepspeed"]
+        if not e["shm"]:
+            return False, f"{SHM} is not writable on rank {e['rank']}; shm_collectives uses gloo"
+        if not e["sem"]:
+            return False, f"libc on rank {e['rank']} has no POSIX named semaphores; shm_collectives uses gloo"
+    return True, None
+
+
+_installed: dict = {}  # the live install: {"shm": ShmCollectives, "all_reduce": orig, "all_gather_into_tensor": orig}
+
+
+def uninstall() -> None:
+    """Put DeepSpeed's own all_reduce / all_gather_into_tensor back (no-op when not installed)."""
+    if not _installed:
+        return
+    import deepspeed.comm as dc
+
+    dc.all_reduce = _installed["all_reduce"]
+    dc.all_gather_into_tensor = _installed["all_gather_into_tensor"]
+    _installed["shm"].close()
+    _installed.clear()
+
+
+def install(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Route DeepSpeed's blocking SUM all-reduces and all-gathers over the whole world through shared
     memory when every rank is on this host (collective: call it in every rank). Returns whether it did."""
+    import deepspeed
     import torch.distributed as tdist
 
+    uninstall()
     rank, world = tdist.get_rank(), tdist.get_world_size()
     if world < 2:
         return False
-    me = {"host": _host_id(), "pid": os.getpid(), "x86": platform.machine() in ("x86_64", "AMD64"),
-          "shm": SHM.is_dir() and os.access(SHM, os.W_OK), "tag": f"raygpt-{uuid.uuid4().hex[:12]}"}
+    lib = _libc()
+    me = {"rank": rank, "host": _host_id(), "pid": os.getpid(), "deepspeed": deepspeed_problem(deepspeed.__version__),
+          "shm": SHM.is_dir() and os.access(SHM, os.W_OK), "sem": lib is not None,
+          "tag": f"raygpt-{uuid.uuid4().hex[:12]}"}
     every: list = [None] * world
     tdist.all_gather_object(every, me)
-    if not all(e["x86"] and e["shm"] and e["host"] == every[0]["host"] for e in every):
+    use, why = _decide(every)
+    if not use:
+        if why and rank == 0:
+            warnings.warn(why, RuntimeWarning, stacklevel=2)
         return False
-    shm = ShmCollectives(rank, world, every[0]["tag"], [e["pid"] for e in every])
+    shm = ShmCollectives(rank, world, every[0]["tag"], [e["pid"] for e in every], timeout_s=timeout_s, lib=lib)
+    _patch(shm, world)
+    return True
 
+
+def _patch(shm: ShmCollectives, world: int) -> None:
     import deepspeed.comm as dc
 
     orig_all_reduce, orig_all_gather = dc.all_reduce, dc.all_gather_into_tensor
@@ -171,6 +325,6 @@ def install() -> bool:
             return None
         return orig_all_gather(output_tensor, tensor, group=group, async_op=async_op, **kw)
 
+    _installed.update(shm=shm, all_reduce=orig_all_reduce, all_gather_into_tensor=orig_all_gather)
     dc.all_reduce = all_reduce
     dc.all_gather_into_tensor = all_gather_into_tensor
-    return True

@@ -216,6 +216,8 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
         cfg.data = str(Path(cfg.data).resolve())
     if cfg.init_path and "://" not in cfg.init_path:
         cfg.init_path = str(Path(cfg.init_path).resolve())
+    if cfg.testing.pid_dir:
+        cfg.testing.pid_dir = str(Path(cfg.testing.pid_dir).resolve())
     plan = validate(cfg, resume)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +228,6 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
 
     from pipelines.train.deepspeed import ds_config
     from pipelines.train.loop import train_loop_per_worker
-    from pipelines.train.metrics import plot_loss_curve, read_metrics
 
     from pipelines import _ray_compat, console
     from pipelines.runtime import ensure_ray
@@ -273,6 +274,14 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
     if getattr(result, "error", None):
         raise TrainError(f"training run {run_dir} failed: {result.error}")
 
+    return _summarize(cfg, plan, result, t0)
+
+
+def _summarize(cfg: TrainConfig, plan: Plan, result, t0: float) -> TrainResult:
+    """The loss-curve PNG and RUN_DIR/summary.json of a finished run -> what run() returns."""
+    from pipelines.train.metrics import plot_loss_curve, read_metrics
+
+    run_dir = Path(cfg.run_dir)
     tr = read_metrics(run_dir, "train")
     ev = read_metrics(run_dir, "eval")
     plot = plot_loss_curve(run_dir, title=f"{cfg.name}: {plan.model_config.name}") if cfg.log.plot else None

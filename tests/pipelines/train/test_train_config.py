@@ -167,3 +167,44 @@ def test_exponent_numbers_without_a_dot_are_numbers_in_files_and_overrides(tmp_p
     assert (c.optim.lr, c.optim.min_lr, c.optim.weight_decay) == (6e-4, 6e-5, 1e-2)
     with pytest.raises(ConfigError, match=r"optim.lr: expected a number, got 'fast'"):
         _cfg(**{"optim.lr": "fast"})
+
+
+def test_test_hooks_live_in_the_testing_section_only():
+    """Test hooks are not product keys: throttle_s and pid_dir sit under `testing:`, off by default."""
+    assert _cfg().testing.throttle_s == 0 and _cfg().testing.pid_dir is None
+    cfg = _cfg(**{"testing.throttle_s": 0.5, "testing.pid_dir": "/tmp/pids"})
+    assert cfg.testing.throttle_s == 0.5 and cfg.testing.pid_dir == "/tmp/pids"
+    with pytest.raises(ConfigError, match="unknown config key.*'throttle_s'"):
+        _cfg(throttle_s=0.5)
+    with pytest.raises(ConfigError, match=r"testing\.throttle_s must be >= 0, got -1"):
+        _cfg(**{"testing.throttle_s": -1})
+
+
+def test_collectives_choice_and_shm_timeout():
+    from pipelines.train.deepspeed import install_collectives
+
+    assert _cfg().shm_collectives and _cfg().shm_collectives_timeout_s == 300
+    with pytest.raises(ConfigError, match=r"shm_collectives_timeout_s must be > 0 seconds, got 0"):
+        _cfg(shm_collectives_timeout_s=0)
+    # decided without touching deepspeed.comm: one worker or GPUs have nothing to choose; off means gloo
+    assert install_collectives(_cfg(), 1) is None
+    assert install_collectives(_cfg(shm_collectives="false"), 2) == "gloo"
+
+
+def test_every_error_class_of_pipelines_train_is_a_user_error():
+    """The CLI prints a UserError as one line (exit 2): every error class defined in pipelines/train is one."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import pipelines.train
+    from pipelines.errors import UserError
+
+    found = {}
+    for m in pkgutil.iter_modules(pipelines.train.__path__):
+        mod = importlib.import_module(f"pipelines.train.{m.name}")
+        found.update({f"{mod.__name__}.{n}": c for n, c in vars(mod).items()
+                      if inspect.isclass(c) and issubclass(c, BaseException) and c.__module__ == mod.__name__})
+    assert {"pipelines.train.trainer.TrainError", "pipelines.train.state.CheckpointStateError",
+            "pipelines.train.shm_collectives.ShmCollectiveError"} <= set(found), sorted(found)
+    assert not [n for n, c in found.items() if not issubclass(c, UserError)], found

@@ -37,7 +37,8 @@ COMMON = {"num_workers": 2, "zero_stage": 2, "max_steps": STEPS, "ckpt_interval"
 
 
 def _cfg(data, run_dir, **kw):
-    return base_config(data, run_dir, **{**COMMON, **kw})
+    # testing.pid_dir: the workers record their pids (attempts.jsonl), which the drills below read
+    return base_config(data, run_dir, **{**COMMON, "testing.pid_dir": str(run_dir / "workers"), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +181,7 @@ def killed_run(ray_session, char_data, tmp_path_factory):
     rd = tmp_path_factory.mktemp("kill") / "run"
     out: dict = {}
     killer = _kill_after_checkpoint(rd, 4, rank=1, out=out)
-    res = run(_cfg(char_data, rd, max_failures=1, throttle_s=0.3))  # finishes by itself
+    res = run(_cfg(char_data, rd, max_failures=1, **{"testing.throttle_s": 0.3}))  # finishes by itself
     killer.join(timeout=5)
     return rd, res, out
 
@@ -206,7 +207,7 @@ def test_resume_continues_with_identical_losses(killed_run, ref_run, capsys):
     from pipelines.cli import main
 
     rd = killed_run[0]
-    assert main(["train", "--resume", str(rd), "max_steps=16", "throttle_s=0"]) == 0
+    assert main(["train", "--resume", str(rd), "max_steps=16", "testing.throttle_s=0"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.rindex('{\n  "run_dir"'):])["steps"] == 16
     got, want = train_losses(rd), train_losses(ref_run[0])
