@@ -173,8 +173,9 @@ def main() -> int:
         say(f"prep done in {time.time() - t0:.1f}s: {out['prep']['rows']} train rows")
 
         # ---- train: 2 workers, one per node; lose the worker node after checkpoint 4 ---------
-        from pipelines.train.trainer import run as train
         from train_testlib import base_config
+
+        from pipelines.train.trainer import run as train
 
         run_dir = work / "run"
         cfg = base_config(work / "data", run_dir, **{
@@ -191,7 +192,7 @@ def main() -> int:
         def _train() -> None:
             try:
                 box["result"] = train(cfg)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            except BaseException as e:
                 box["error"] = e
 
         training = threading.Thread(target=_train, name="train", daemon=True)
@@ -233,7 +234,7 @@ def main() -> int:
             "wall_s": time.time() - t_start,
         })
         return 0
-    except BaseException as e:  # noqa: BLE001 - the test prints this
+    except BaseException as e:
         out["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
         say(f"FAILED: {out['error']}")
         return 1

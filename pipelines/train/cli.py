@@ -38,8 +38,8 @@ def register(subparsers) -> None:
 
 
 def _train(args) -> int:
-    from pipelines.errors import UserError
     from pipelines.config import load_config
+    from pipelines.errors import UserError
     from pipelines.train.config import TrainConfig
 
     base = None

@@ -34,8 +34,17 @@ import numpy as np
 from pipelines.data.manifest import DatasetNotReadyError, load_manifest, shard_paths
 from pipelines.errors import UserError
 from pipelines.runtime import fs_and_path, is_local, sha256_file
-from pipelines.train.shards import (CACHE_ENV, CHUNK_ROWS, DataError, ShardRows, cache_dir, cached_copy,  # noqa: F401
-                                    check_vocab, fixed_list, one_line)
+from pipelines.train.shards import (  # noqa: F401
+    CACHE_ENV,
+    CHUNK_ROWS,
+    DataError,
+    ShardRows,
+    cache_dir,
+    cached_copy,
+    check_vocab,
+    fixed_list,
+    one_line,
+)
 
 WINDOW_CHUNKS = 8  # chunks whose rows are permuted together: part of the sample order
 EVAL_KEY = 10_000_019  # the eval rows' generator is seeded with (seed, EVAL_KEY)
@@ -86,7 +95,7 @@ def open_dataset(path: str) -> Dataset:
         raise DataError(f"data={path!r}: {e}") from None
     except UserError:
         raise
-    except Exception as e:  # noqa: BLE001 - unreachable endpoint, bad credentials, unknown protocol
+    except Exception as e:
         raise DataError(f"data={path!r}: cannot read the dataset's manifest.json ({one_line(e)}); check the URL, "
                         f"that this machine reaches it, and the credentials (s3: AWS_* variables or ~/.aws)") from None
     for key in ("tokenizer_id", "vocab_size", "block_size", "splits"):
@@ -124,7 +133,7 @@ def _check_first_shard(manifest: dict[str, Any], split: str) -> None:
         fs, p = fs_and_path(url)
         with fs.open(p, "rb") as f:
             md = pq.read_metadata(f)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DataError(f"{url}: cannot read the Parquet footer ({one_line(e)}); check that the file is reachable "
                         f"and re-run `raygpt prep` if it is damaged") from None
     if md.num_rows != int(info["rows"]):

@@ -85,7 +85,7 @@ def cpu_bf16_ok() -> bool:
 
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 

@@ -27,7 +27,6 @@ from pipelines.train import worker as wk
 from pipelines.train.worker import CHECKPOINT_LOG, build_model, lm_loss  # noqa: F401 - re-exported
 
 
-
 def _restore(w: wk.WorkerState, payload: dict[str, Any]) -> bool:
     """Restore from the checkpoint Ray Train hands this worker; never silently start a run over. -> resumed?"""
     import ray.train

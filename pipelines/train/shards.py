@@ -83,7 +83,7 @@ def cached_copy(url: str, dest: Path, *, size: int | None, sha256: str | None) -
                         n += len(block)
             except FileNotFoundError:
                 raise
-            except Exception as e:  # noqa: BLE001 - network, credentials, full disk
+            except Exception as e:
                 raise DataError(f"{url}: cannot copy it into the node cache {dest.parent} ({one_line(e)}); check "
                                 f"the URL, the network and credentials, and the room on disk (or set {CACHE_ENV})"
                                 ) from None

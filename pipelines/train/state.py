@@ -17,7 +17,6 @@ sha256 when checked). Does not: call ray.train or DeepSpeed (loop.py does).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -49,7 +48,7 @@ def ray_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / RAY_NAME
 
 
-from pipelines.runtime import sha256_file  # noqa: E402,F401 - re-exported
+from pipelines.runtime import sha256_file  # noqa: E402 - re-exported
 
 
 def list_files(root: Path, checksums: bool) -> dict[str, dict[str, Any]]:

@@ -16,8 +16,6 @@ loss-curve PNG and RUN_DIR/summary.json. Does not: prepare data (raygpt prep) or
 
 from __future__ import annotations
 
-from pipelines.errors import UserError
-
 import json
 import math
 import os
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError, config_hash, to_dict
+from pipelines.errors import UserError
 from pipelines.train import state as st
 from pipelines.train.config import RESUMABLE_CHANGES, TrainConfig
 from pipelines.train.data import check_compatible, open_dataset
@@ -89,7 +88,7 @@ def _cpp_compiler_problem() -> str | None:
         return None  # another torch layout: let torch.compile speak for itself
     try:
         get_cpp_compiler()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"{type(e).__name__}: {e}"
     return None
 
@@ -222,15 +221,13 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.train.deepspeed import ds_config
-    from pipelines.train.loop import train_loop_per_worker
-
     from pipelines import _ray_compat, console
     from pipelines.runtime import ensure_ray
+    from pipelines.train.deepspeed import ds_config
+    from pipelines.train.loop import train_loop_per_worker
 
     if not _ray_compat.train_v2_enabled():
         raise ConfigError("raygpt train runs on Ray Train V2 (checkpoint commit, restart semantics); unset "
@@ -266,7 +263,7 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
     os.environ.update(added)
     try:
         result = trainer.fit()
-    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; keep the cause visible
+    except Exception as e:
         raise TrainError(f"training run {run_dir} failed: {type(e).__name__}: {e}") from e
     finally:
         for k in added:

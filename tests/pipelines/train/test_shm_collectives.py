@@ -78,7 +78,7 @@ def _worker(rank: int, world: int, port: int, mode: str, q) -> None:
             "same_bits": all(torch.equal(e, x) for e in every),
             "gather": out.tolist() == [float(r) for r in range(world) for _ in range(5)],
             "max": mx.item() == world - 1}))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         q.put((rank, f"error: {type(e).__name__}: {e}"))
 
 
@@ -155,7 +155,7 @@ def _stuck_worker(rank: int, world: int, port: int, timeout_s: float, conn, go) 
             out["user_error"] = isinstance(e, shm.UserError)
         out["waited_s"] = time.monotonic() - t0
         conn.send((rank, out))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         conn.send((rank, f"error: {type(e).__name__}: {e}"))
 
 

@@ -6,13 +6,12 @@ import math
 from pathlib import Path
 
 import pytest
+from train_testlib import base_config
 
 from pipelines.cli import main
 from pipelines.config import ConfigError, load_config
 from pipelines.train.config import TrainConfig
 from pipelines.train.deepspeed import ds_config, lr_at
-
-from train_testlib import base_config
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -81,9 +80,9 @@ def test_missing_dataset_fails_before_any_worker(tmp_path):
 
 def test_compile_on_cpu_without_a_cpp_compiler_fails_before_any_worker(tmp_path):
     import torch._inductor.config as inductor_config
+    from train_testlib import make_dataset
 
     from pipelines.train.trainer import run
-    from train_testlib import make_dataset
 
     data = make_dataset(tmp_path / "data", ["To be, or not to be, that is the question. " * 40])
     # torch's own config patcher (monkeypatch would delete the option on undo: it is no plain attribute)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from train_testlib import base_config, make_dataset
 
 from gptcore.tokenizer import train_char
 from pipelines.config import ConfigError
 from pipelines.train.data import EvalSet, TrainStream, make_targets, open_dataset, read_split
 from pipelines.train.trainer import validate
-from train_testlib import base_config, make_dataset
 
 DOCS = ["first document about kings.", "second one, about queens!", "third: rome and its lords."] * 30
 

@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import pytest
+from train_testlib import base_config, reference_losses, train_losses
 
 from pipelines.config import ConfigError
 from pipelines.train import state as st
 from pipelines.train.trainer import run
-from train_testlib import base_config, reference_losses, train_losses
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ import json
 import math
 
 import pytest
+from train_testlib import base_config, train_losses
 
 from pipelines.config import load_config
-from train_testlib import base_config, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,8 @@ def test_sft_training_on_real_prep_output(ray_session, shared_data, tmp_path):
     import torch
 
     from gptcore.checkpoint import load_checkpoint
-    from pipelines.data import PrepConfig, run as prep
+    from pipelines.data import PrepConfig
+    from pipelines.data import run as prep
     from pipelines.train.trainer import run
 
     src = shared_data / "xsum-frank" / "xsum_test_frank.jsonl"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from train_testlib import make_dataset
 
 from gptcore.config import preset
 from gptcore.model import GPT
 from pipelines.train.data import TrainStream, open_dataset
 from pipelines.train.loop import lm_loss
-from train_testlib import make_dataset
 
 PAIRS = [("Article: the king rode to rome.\nTL;DR: ", "king to rome"),
          ("Article: a queen spoke with her lords at dawn.\nTL;DR: ", "queen speaks"),

@@ -20,8 +20,16 @@ from pipelines.config import ConfigError
 from pipelines.data.manifest import write_manifest
 from pipelines.data.write import ShardWriter
 from pipelines.train import shards as shards_mod
-from pipelines.train.data import (CHUNK_ROWS, WINDOW_CHUNKS, EvalSet, SampleOrder, ShardRows, TrainStream,
-                                  open_dataset, read_split)
+from pipelines.train.data import (
+    CHUNK_ROWS,
+    WINDOW_CHUNKS,
+    EvalSet,
+    SampleOrder,
+    ShardRows,
+    TrainStream,
+    open_dataset,
+    read_split,
+)
 
 ALPHABET = "".join(chr(65 + i) for i in range(60))
 

@@ -13,9 +13,9 @@ import sys
 
 import numpy as np
 import pytest
+from test_train_stream import write_tokens
 
 from pipelines.train.data import CHUNK_ROWS, SampleOrder
-from test_train_stream import write_tokens
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_train_stream import write_tokens
 
 from pipelines.config import ConfigError
 from pipelines.train.data import ShardRows, TrainStream, open_dataset
 from pipelines.train.shards import CACHE_ENV, cache_dir
-from test_train_stream import write_tokens
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -165,9 +165,10 @@ print("RESULT", json.dumps({"steps": res.steps}))
 
 @pytest.mark.slow
 def test_killed_worker_on_s3_input_recovers_with_identical_losses(ray_session, char_data, s3, tmp_path):
-    from pipelines.train.trainer import run
     from test_train_ray import STEPS, _cfg, _kill_after_checkpoint
     from train_testlib import train_losses
+
+    from pipelines.train.trainer import run
 
     url = s3[1](char_data, "char")
     ref = tmp_path / "ref"

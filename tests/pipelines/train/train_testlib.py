@@ -92,7 +92,7 @@ def shakespeare_text(shared: Path | None, n_chars: int = 120_000) -> str:
     return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n_chars // 40))
 
 
-def base_config(data: Path, run_dir: Path, **kw) -> "TrainConfig":  # noqa: F821
+def base_config(data: Path, run_dir: Path, **kw) -> TrainConfig:  # noqa: F821
     """A debug-preset TrainConfig for fast tests (overrides as dotted keys: base_config(d, r, **{"optim.lr": 1e-2}))."""
     from pipelines.config import load_config
     from pipelines.train.config import TrainConfig
