@@ -1,0 +1,1 @@
+"""Thin entrypoints submitted to clusters (`python -m jobs.X`) and the named run configs in jobs/configs/."""

@@ -70,7 +70,7 @@ def describe(path: str) -> str:
 
 
 def render(files: list[str], known: dict[str, str]) -> str:
-    return "".join(f"{f:<{WIDTH}}{known.get(f) or describe(f)}\n" for f in files)
+    return "".join(f"{f:<{WIDTH - 1}} {known.get(f) or describe(f)}\n" for f in files)
 
 
 def test_files_block_lists_every_tracked_file():

@@ -1,0 +1,1 @@
+"""Operations: Ray Jobs submission, schedules (cron, Kubernetes manifests) and the run lock."""
