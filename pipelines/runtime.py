@@ -26,6 +26,8 @@ from typing import Any
 
 import fsspec
 
+from pipelines import _ray_compat
+from pipelines.console import library_level_name
 from pipelines.errors import UserError
 
 log = logging.getLogger("raygpt")
@@ -52,7 +54,6 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, env_v
     if ray.is_initialized():
         return False
     address = (address or os.environ.get("RAY_ADDRESS") or "local").strip()
-    from pipelines.console import library_level_name
 
     # the workers' root logger (Ray Train and Data log INFO chatter through it) at the libraries' level;
     # our own "raygpt" logger keeps its level and handler (pipelines/console.py)
@@ -92,7 +93,6 @@ def _free_port() -> int:
 
 def dashboard_url() -> str | None:
     """The dashboard URL of the Ray this process is connected to, or None."""
-    from pipelines import _ray_compat
 
     return _ray_compat.dashboard_url()
 

@@ -159,3 +159,32 @@ def test_no_cycles_through_function_level_imports():
     stages, and no stage imports a CLI module)."""
     cycles = _cycles(_all_imports_graph())
     assert not cycles, "import cycles through function-level imports:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+# modules whose imports inside functions are expected: the CLI handlers keep `raygpt --help` fast
+CLI_MODULES = {"pipelines.cli", "pipelines.core_cli", "pipelines.demo", "pipelines.data.cli", "pipelines.train.cli",
+               "pipelines.generate.cli", "pipelines.serve.cli", "pipelines.serve.launch", "pipelines.ops.cli"}
+# a package's `run` wrapper imports its pipeline on call (the CLI imports the package to build --help)
+LAZY_RUN_PACKAGES = {"pipelines.data", "pipelines.generate", "pipelines.train"}
+
+
+def _heavy(target: str) -> bool:
+    """gptcore's modules import torch (except its errors); importing them on call keeps configs and --help light."""
+    return target.startswith("gptcore.") and target != "gptcore.errors"
+
+
+def test_function_level_imports_only_where_there_is_a_reason():
+    modules = _modules()
+    offenders = []
+    for name, path in modules.items():
+        if name in CLI_MODULES or name in LAZY_RUN_PACKAGES:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        top = {id(n) for n in _module_level_imports(tree)}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                light = [t for t in _targets(node, name, path.name == "__init__.py", modules) if not _heavy(t)]
+                if light:
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} imports {', '.join(light)} inside a "
+                                     f"function: import it at module level")
+    assert not offenders, "\n".join(offenders)

@@ -24,6 +24,7 @@ from typing import Any
 import fsspec
 
 from pipelines.data import manifest as mf
+from pipelines.data.card import write_card
 from pipelines.data.config import PrepConfig, PrepError, content_config
 from pipelines.data.dedup import Signatures
 from pipelines.data.dedup_stage import decide_barrier
@@ -94,7 +95,6 @@ def run(cfg: PrepConfig) -> dict[str, Any]:
         json.dump({"timings": {k: round(v, 3) for k, v in timings.items()}, "steps": times}, f, indent=2,
                   sort_keys=True)
     if cfg.write.data_card:
-        from pipelines.data.card import write_card  # matplotlib: only when a card is asked for
 
         write_card(cfg.output, manifest)
     try:

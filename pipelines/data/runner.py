@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.data.dedup import key_rows
 from pipelines.data.dedup_stage import work_file_id, work_file_name
 from pipelines.data.ledger import HIST_EDGES, count_drop, hist, new_entry
 from pipelines.data.plan import Barrier
@@ -162,8 +163,6 @@ class SegmentRunner:
                     yield self._texts(batch, stats)
                 k += 1
             if k == 0 and self.mode == "work":
-                from pipelines.data.dedup import key_rows
-
                 yield key_rows([], [], None, None, None, self.partitions, json.dumps({"steps": {}}))
 
     @staticmethod
@@ -184,7 +183,6 @@ class SegmentRunner:
         """Write the batch to the stage's work dir; return its dedup key rows (the groupby input)."""
         import pyarrow.parquet as pq
 
-        from pipelines.data.dedup import key_rows
 
         bar = self.barrier
         keep_sig = bar.fuzzy is not None and bar.fuzzy.verify == "signature"

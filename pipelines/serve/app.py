@@ -42,9 +42,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipelines import _ray_compat
 from pipelines.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
 from pipelines.serve.auth import authorize, key_matches, load_api_keys
-from pipelines.serve.config import ServeConfig, deployment_options
+from pipelines.serve.config import ServeConfig, deployment_options, serve_config_fields
+from pipelines.serve.metrics import ServeMetrics
 from pipelines.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -104,7 +106,6 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 def _haproxy_enabled() -> bool:
     """Whether this Serve instance fronts replicas with HAProxy (read by Serve from its environment)."""
-    from pipelines import _ray_compat
 
     return _ray_compat.serve_haproxy_enabled()
 
@@ -119,8 +120,6 @@ def _torch_threads() -> int:
 @serve.ingress(app)
 class OpenAIServer:
     def __init__(self, config: dict[str, Any]):
-        from pipelines.serve.metrics import ServeMetrics
-
         self.cfg: ServeConfig = from_dict(ServeConfig, config)
         self._key_digests = load_api_keys(self.cfg.auth)  # before the engine: a bad key file fails fast
         self.serving = s = Serving.load(self.cfg, ServeMetrics())
@@ -226,7 +225,6 @@ def config_from_args(args: dict[str, Any] | None) -> ServeConfig:
     `config` names a YAML file of ServeConfig fields; other keys override it. String values (what
     `serve run` passes) are parsed like CLI overrides (`autoscaling.max_replicas=2`); nested mappings
     (a YAML `args:` block) are merged."""
-    from pipelines.serve.config import serve_config_fields
 
     args = dict(args or {})
     path = args.pop("config", None)

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, apply_overrides, from_dict, read_yaml
 
 
 @dataclass
@@ -286,7 +286,6 @@ def serve_config_fields(data: dict[str, Any]) -> dict[str, Any]:
 
 def load_serve_config(path: str | None, overrides: list[str] | None = None) -> ServeConfig:
     """`raygpt serve --config FILE k=v ...`: FILE holds ServeConfig fields or is a Serve config file."""
-    from pipelines.config import apply_overrides, from_dict, read_yaml
 
     data = serve_config_fields(read_yaml(path)) if path else {}
     data = apply_overrides(data, overrides or [])

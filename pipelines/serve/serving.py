@@ -23,7 +23,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from pipelines.serve.batching import ContinuousBatcher, ProcessBatcher, RequestGroup
 from pipelines.serve.config import ServeConfig
+from pipelines.serve.engine_process import EngineProcess
 from pipelines.serve.protocol import ApiError, ModelCard
 
 logger = logging.getLogger("ray.serve")
@@ -138,7 +140,6 @@ class Serving:
         """Load cfg.checkpoint into an engine (in a child process with cfg.engine_process) and start its batcher."""
         import torch
 
-        from pipelines.serve.batching import ContinuousBatcher, ProcessBatcher
 
         metrics = metrics if metrics is not None else NullMetrics()
         b = cfg.batching
@@ -146,7 +147,6 @@ class Serving:
                         batch_wait_timeout_s=b.batch_wait_timeout_s, on_step=metrics.step)
         if cfg.engine_process:
             from gptcore.checkpoint import read_tokenizer
-            from pipelines.serve.engine_process import EngineProcess
 
             torch.set_num_threads(1)  # this process only tokenises; the child decodes
             engine = EngineProcess.start(cfg.checkpoint, dtype=cfg.dtype, max_batch_size=b.max_batch_size,
@@ -332,8 +332,6 @@ class Serving:
         return out
 
     def _submit(self, job: _Job):
-        from pipelines.serve.batching import RequestGroup
-
         group = RequestGroup(self.batcher, stream=bool(job.req.stream))
         for i, (_, ids) in enumerate(job.prompts):
             group.submit(f"{job.id}-{i}", ids, job.params, num_choices=job.params.n,

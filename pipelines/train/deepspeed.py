@@ -22,6 +22,7 @@ import math
 import os
 from typing import Any
 
+from pipelines.train import shm_collectives
 from pipelines.train.config import TrainConfig
 
 NEVER = 10**9  # steps_per_print: DeepSpeed's own step logging is replaced by ours
@@ -175,7 +176,6 @@ def install_collectives(cfg: TrainConfig, world_size: int) -> str | None:
         return None
     if not cfg.shm_collectives:
         return "gloo"
-    from pipelines.train import shm_collectives
 
     return "shm" if shm_collectives.install(timeout_s=cfg.shm_collectives_timeout_s) else "gloo"
 

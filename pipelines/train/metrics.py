@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines.console import progress as console_progress
+
 METRICS = "metrics.jsonl"
 PLOT = "loss_curve.png"
 
@@ -64,7 +66,6 @@ class MetricsLogger:
             self.tb = SummaryWriter(log_dir=str(self.dir / "tb"), purge_step=start_step + 1 if resumed else None)
         self.bar = None
         if progress:  # a bar on the driver's terminal, else a status line every few seconds (pipelines/console.py)
-            from pipelines.console import progress as console_progress
 
             self.bar = console_progress(max_steps, "train", unit="step", initial=start_step)
         self.console = console

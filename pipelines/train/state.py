@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from pipelines import _ray_compat
 from pipelines.config import ConfigError
+from pipelines.runtime import sha256_file  # re-exported: callers import it from here
 
 MANIFEST = "checkpoint_manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -47,8 +49,6 @@ def ckpt_dir_name(step: int) -> str:
 def ray_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / RAY_NAME
 
-
-from pipelines.runtime import sha256_file  # noqa: E402 - re-exported
 
 
 def list_files(root: Path, checksums: bool) -> dict[str, dict[str, Any]]:
@@ -129,7 +129,6 @@ def verify_checkpoint_dir(path: str | os.PathLike, *, checksums: bool = True) ->
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
     """The checkpoint Ray Train will hand to the workers on resume (its snapshot's latest), verified."""
-    from pipelines import _ray_compat
 
     rd = ray_dir(run_dir)
     snap = rd / _ray_compat.train_snapshot_filename()

@@ -24,11 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines import _ray_compat, console
 from pipelines.config import ConfigError, config_hash, to_dict
 from pipelines.errors import UserError
+from pipelines.runtime import ensure_ray
 from pipelines.train import state as st
 from pipelines.train.config import RESUMABLE_CHANGES, TrainConfig
 from pipelines.train.data import check_compatible, open_dataset
+from pipelines.train.deepspeed import cpu_bf16_ok, ds_config
+from pipelines.train.loop import train_loop_per_worker
+from pipelines.train.metrics import plot_loss_curve, read_metrics
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
@@ -75,8 +80,6 @@ def _median(xs: list) -> float | None:
 
 
 def _cpu_bf16_ok() -> bool:
-    from pipelines.train.deepspeed import cpu_bf16_ok
-
     return cpu_bf16_ok()
 
 
@@ -195,7 +198,6 @@ def _warn_without_dashboard() -> None:
     is torn down (seen here: "Destroying worker since its placement group was removed")."""
     import warnings
 
-    from pipelines import _ray_compat
 
     if not _ray_compat.dashboard_url():
         warnings.warn("this Ray cluster runs without the dashboard: Ray Train's placement-group cleaner may then "
@@ -224,10 +226,6 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines import _ray_compat, console
-    from pipelines.runtime import ensure_ray
-    from pipelines.train.deepspeed import ds_config
-    from pipelines.train.loop import train_loop_per_worker
 
     if not _ray_compat.train_v2_enabled():
         raise ConfigError("raygpt train runs on Ray Train V2 (checkpoint commit, restart semantics); unset "
@@ -276,7 +274,6 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
 
 def _summarize(cfg: TrainConfig, plan: Plan, result, t0: float) -> TrainResult:
     """The loss-curve PNG and RUN_DIR/summary.json of a finished run -> what run() returns."""
-    from pipelines.train.metrics import plot_loss_curve, read_metrics
 
     run_dir = Path(cfg.run_dir)
     tr = read_metrics(run_dir, "train")
