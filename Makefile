@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: demo test test-fast lint bench setup clean
+.PHONY: demo test test-fast test-gpu lint bench setup clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP)
 # the edit loop: everything not marked slow (no Ray Train / Serve / prep end-to-end runs)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# the GPU lane (NCCL, bf16, ZeRO-2/3 on CUDA, the engine and Serve on a GPU); skips without CUDA
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu tests/gpu
 
 # ruff over the code, mypy (strict) over gptcore/; .ci/run calls this before the tests
 lint: $(STAMP)
