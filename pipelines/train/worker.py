@@ -43,7 +43,15 @@ CHECKPOINT_LOG = "checkpoints.jsonl"  # RUN_DIR/checkpoints.jsonl: every committ
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries a forking parent's peak across exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # elsewhere: ru_maxrss (KiB on Linux)
 
 
 def atomic_copytree(src: Path, dst: Path) -> None:

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -93,10 +94,13 @@ def test_serve_binds_loopback_and_sigterm_leaves_nothing(tiny_ckpt):
 
     port = free_port()
     proc = _raygpt("serve", "--checkpoint", str(tiny_ckpt), "--port", str(port), "drain_s=10")
+    printed: list[str] = []  # the server's console, read as it comes (the ready line ends its start-up)
+    reader = threading.Thread(target=lambda: printed.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
-        wait_until(lambda: _health(port) or proc.poll() is not None, timeout=300, interval=1.0,
-                   what="raygpt serve to answer /health")
-        assert proc.poll() is None, proc.stdout.read()
+        wait_until(lambda: (_health(port) and any("ready at" in line for line in printed)) or proc.poll() is not None,
+                   timeout=300, interval=1.0, what="raygpt serve to answer /health and say it is ready")
+        assert proc.poll() is None, "".join(printed)
         tree = _tree(proc.pid)
 
         # nothing of Serve listens on all interfaces; the API port is on loopback only
@@ -123,7 +127,9 @@ def test_serve_binds_loopback_and_sigterm_leaves_nothing(tiny_ckpt):
             rest = [line for line in lines if line]
         assert rest and rest[-1] == "data: [DONE]", rest[-3:]
 
-        out, _ = proc.communicate(timeout=60)  # bounded by launch.STOP_DEADLINE_S (28 s)
+        proc.wait(timeout=60)  # bounded by launch.STOP_DEADLINE_S (28 s)
+        reader.join(timeout=10)
+        out = "".join(printed)
         assert proc.returncode == 0, out
     finally:
         if proc.poll() is None:

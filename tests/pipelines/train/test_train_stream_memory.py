@@ -1,6 +1,6 @@
 """Bounded memory: the same 20 training steps on a token dataset 1x and 16x as large (16 and 256 chunks of
 1,024 rows of 129 tokens: 2.1 M and 33.8 M tokens). Each size trains in a fresh process (a 1-layer GPT, AdamW,
-streamed input) that reports its peak RSS (ru_maxrss); the 16x dataset holds the 1x dataset's rows where its
+streamed input) that reports its peak RSS (VmHWM); the 16x dataset holds the 1x dataset's rows where its
 own order schedules the first 20 steps, so both runs train on the same rows and their losses and micro
 batches must be identical. Peak RSS at 16x is within 1.2x of 1x. A control run reads the 16x split into RAM
 (read_split, 12 bytes a token) and must exceed that bound: the measurement sees what streaming saves."""
@@ -23,14 +23,20 @@ STEPS, B, SEED, BLOCK = 20, 8, 11, 128
 ROWS_PER_SHARD = 4 * CHUNK_ROWS
 
 CHILD = """
-import hashlib, json, resource, sys
+import hashlib, json, sys
 import numpy as np, torch, torch.nn.functional as F
 from gptcore.config import preset
 from gptcore.model import GPT
 from pipelines.train.data import SplitRows, TrainStream, open_dataset, read_split
 torch.set_num_threads(1)
 torch.manual_seed(0)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm_kb():
+    # VmHWM: this process's own peak RSS. Not ru_maxrss: Linux carries a forking parent's peak across exec,
+    # so under a big pytest process every child would report the parent's size
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+base = hwm_kb()
 ds = open_dataset(sys.argv[1])
 rows = read_split(ds.manifest, "train") if sys.argv[2] == "ram" else ds.split_rows("train")
 stream = TrainStream(rows, seed=int(sys.argv[3]), micro_batch=int(sys.argv[4]), grad_accum=1, world=1, rank=0,
@@ -48,7 +54,7 @@ for step in range(int(sys.argv[5])):
     opt.step()
     opt.zero_grad(set_to_none=True)
     losses.append(loss.item())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm_kb()
 print("RESULT " + json.dumps({"losses": losses, "batches": h.hexdigest(), "base_mb": base / 1024,
                               "peak_mb": peak / 1024}))
 """

@@ -158,7 +158,7 @@ from pipelines.runtime import ensure_ray
 ensure_ray("local", num_cpus=8, object_store_memory=512 * 1024 * 1024, env_vars={"OMP_NUM_THREADS": "1"})
 from test_train_ray import _cfg
 from pipelines.train.trainer import run
-res = run(_cfg(sys.argv[1], Path(sys.argv[2]), max_failures=1, throttle_s=0.3))
+res = run(_cfg(sys.argv[1], Path(sys.argv[2]), max_failures=1, **{"testing.throttle_s": 0.3}))
 print("RESULT", json.dumps({"steps": res.steps}))
 """
 
