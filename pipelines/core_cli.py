@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,9 +206,7 @@ def _tokenizer_train(args) -> int:
         if args.vocab_size is not None and args.vocab_size != tok.vocab_size:
             log.warning("char vocabulary has %d symbols (--vocab-size %d ignored)", tok.vocab_size, args.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tok.save(tmp)
-    os.replace(tmp, out)
+    tok.save(out)  # atomic: a temp file in the same directory, then a rename
     log.info("wrote %s: kind=%s vocab_size=%d id=%s from %d file(s)", out, tok.kind, tok.vocab_size, tok.id[:16],
              len(files))
     return 0

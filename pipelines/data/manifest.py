@@ -32,7 +32,7 @@ def _fs_path(uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, paths[0]
 
 
-from pipelines.runtime import sha256_file  # noqa: E402 - re-exported
+from pipelines.runtime import atomic_write_bytes, sha256_file  # noqa: E402 - sha256_file re-exported
 
 
 def manifest_id(manifest: dict[str, Any]) -> str:
@@ -54,10 +54,7 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> str:
     manifest["id"] = manifest_id(manifest)
     data = json.dumps(manifest, indent=2, sort_keys=True).encode()
     final = f"{root.rstrip('/')}/{MANIFEST}"
-    tmp = f"{root.rstrip('/')}/.{MANIFEST}.tmp-{os.getpid()}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, final)
+    atomic_write_bytes(final, data, fs)  # a dot-prefixed temp beside it, then a rename: readers see all or nothing
     return final
 
 

@@ -27,7 +27,10 @@ import numpy as np
 
 from pipelines import _ray_compat
 from pipelines.config import ConfigError
-from pipelines.runtime import sha256_file  # re-exported: callers import it from here
+from pipelines.runtime import (
+    atomic_write_json,
+    sha256_file,  # re-exported: callers import it from here
+)
 
 MANIFEST = "checkpoint_manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -180,6 +183,4 @@ def restore_rng(s: dict[str, Any]) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
