@@ -7,8 +7,9 @@ run(cfg) is the list of stages: plan (pipelines.data.plan: segments cut at the d
 reuse), the segments before each dedup barrier (each ONE streaming Ray Data operator, steps fused
 in-process: pipelines.data.runner; documents and their hashes/signatures go to <output>/_work, the
 decision is a Ray Data groupby: pipelines.data.dedup), the tokenizer (loaded, or trained on a
-deterministic sample), the final segment (tokenized in the workers, consumed in order by the driver's
-sink: pipelines.data.sink packs windows per split and writes shards), then the checked ledger
+deterministic sample), the final segment (tokenized and spilled in the workers; the driver's sink gets
+counts per batch, then one worker task per shard packs and writes it: pipelines.data.sink, .shards),
+then the checked ledger
 (pipelines.data.ledger), timings, data card and manifest.json, written last. A complete output is
 reused, an unfinished one is replaced. Does not: train models or read token shards (pipelines.train).
 """
@@ -41,6 +42,7 @@ from pipelines.data.plan import (
 )
 from pipelines.data.read import plan_reads
 from pipelines.data.runner import DataContext, SegmentRunner, batch_to_table, run_udf
+from pipelines.data.shards import Spill
 from pipelines.data.sink import Sink, build_manifest, say, summary
 from pipelines.runtime import ensure_ray
 
@@ -83,7 +85,7 @@ def run(cfg: PrepConfig) -> dict[str, Any]:
             f.write(tok.to_json_str().encode())
         ledger_order.append("tokenize")
         t0 = time.time()
-        sink = _final_segment(cfg, tok, items, final_steps, common, stats)
+        sink = _final_segment(cfg, tok, items, final_steps, common, stats, f"{wroot}/final", wfs)
         timings["final_s"] = time.time() - t0
     ledger = check_ledger(stats, ledger_order, sink.final_drops, sink.alive_final)
     if sink.alive_final == 0:
@@ -210,15 +212,17 @@ def _tokenizer(cfg: PrepConfig, items: list[dict[str, Any]], steps: list[Any], c
 
 
 def _final_segment(cfg: PrepConfig, tok, items: list[dict[str, Any]], steps: list[Any], common: dict[str, Any],
-                   stats: dict[str, Any]) -> Sink:
-    """Tokenize in the workers; pack and write on the driver, in input order."""
+                   stats: dict[str, Any], final_dir: str, wfs) -> Sink:
+    """Tokenize and spill in the workers (the driver gets one summary per batch); then pack and write the
+    shards in the workers, one task per shard."""
     import ray
 
     sft = cfg.kind == "sft"
     tok_step = Tokenize(ray.put(tok.to_json_str()), cfg.kind, cfg.pack.block_size, cfg.pack.val_fraction,
                         cfg.pack.split_seed, cfg.sft if sft else None, split_by=cfg.pack.split_by)
-    runner = SegmentRunner(steps, "final", tokenize=tok_step, **common)
-    sink = Sink(cfg)
+    wfs.makedirs(final_dir, exist_ok=True)
+    sink = Sink(cfg, final_dir)
+    runner = SegmentRunner(steps, "final", tokenize=tok_step, spill=Spill(final_dir, sink.layout), **common)
     try:
         for b in run_udf(items, runner, "final").iter_batches(batch_size=None, batch_format="pyarrow"):
             sink.add(b, stats)

@@ -5,10 +5,11 @@
 
 A segment's steps are fused in-process over batches of documents; every batch's per-step counts
 (rows in/out, drops by reason, seconds, chars) ride along its output as a JSON `_stats` cell. Modes:
-"work" writes the batch to a dedup work file and yields its shuffle key rows, "final" tokenizes and
-yields token rows plus tombstones for the driver's sink, "text" yields alive texts for the tokenizer.
+"work" writes the batch to a dedup work file and yields its shuffle key rows, "final" tokenizes, spills
+the tokens per split (pipelines.data.shards.Spill) and yields one summary row (counts) for the driver's
+sink, "text" yields alive texts for the tokenizer.
 Dropped rows keep only their tombstone (text emptied) so every drop is counted at the end.
-Does not: take dedup decisions (pipelines.data.dedup), pack or write shards (pipelines.data.sink).
+Does not: take dedup decisions (pipelines.data.dedup), pack or write shards (pipelines.data.shards).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pipelines.data.dedup_stage import work_file_id, work_file_name
 from pipelines.data.ledger import HIST_EDGES, count_drop, hist, new_entry
 from pipelines.data.plan import Barrier
 from pipelines.data.read import read_task
+from pipelines.data.shards import spill_name
 
 STRING_COLS = ("text", "drop", "doc_id", "source")
 
@@ -34,17 +36,18 @@ class SegmentRunner:
     """Runs in Ray Data tasks: one item (read task or work file) -> batches through this segment's steps.
 
     mode: "work"  -> write <work_dir>/w<order>-<k>.parquet per batch, yield one summary row per file
-          "final" -> tokenize, yield token rows + tombstones for the driver
+          "final" -> tokenize, spill the tokens (spill: shards.Spill), yield one summary row per batch
           "text"  -> yield alive texts (tokenizer training sample)
     """
 
     def __init__(self, steps: list[Any], mode: str, *, inputs=None, read=None, fields=(), want_raw=False,
                  render=None, tokenize=None, work_dir: str = "", barrier: Barrier | None = None,
-                 partitions: int = 1):
+                 partitions: int = 1, spill=None):
         self.steps, self.mode = steps, mode
         self.inputs, self.read, self.fields, self.want_raw, self.render = inputs, read, list(fields), want_raw, render
         self.tokenize, self.work_dir = tokenize, work_dir
         self.barrier, self.partitions = barrier, partitions
+        self.spill = spill
 
     # -- sources --------------------------------------------------------------------------------------
     def _source(self, item: dict[str, Any]) -> Iterator[dict[str, list]]:
@@ -158,7 +161,7 @@ class SegmentRunner:
                 if self.mode == "work":
                     yield self._write_work(batch, stats, item, k)
                 elif self.mode == "final":
-                    yield self._final(batch, stats)
+                    yield self._final(batch, stats, spill_name(item["order"], k))
                 else:
                     yield self._texts(batch, stats)
                 k += 1
@@ -196,7 +199,9 @@ class SegmentRunner:
                         batch.get("_sig"), bar.fuzzy, self.partitions, json.dumps(stats),
                         work_file_id(item["order"], k))
 
-    def _final(self, batch: dict[str, list], stats: dict[str, Any]):
+    def _final(self, batch: dict[str, list], stats: dict[str, Any], name: str):
+        import pyarrow as pa
+
         tok = self.tokenize
         alive_before = [i for i, d in enumerate(batch["drop"]) if not d]
         chars = sum(len(batch["text"][i]) for i in alive_before)
@@ -213,45 +218,7 @@ class SegmentRunner:
                 count_drop(e, drops[i].split(":", 1)[1])
             else:
                 e["rows_out"] += 1
-        return token_table(batch, out, stats)
-
-
-def token_table(batch: dict[str, list], out: dict[str, Any], stats: dict[str, Any]):
-    """The final stream's rows: drop, source, n_chars, ids, val (+ mask), _stats (first row); an all-empty
-    batch becomes one "__meta__" row that carries the stats."""
-    import pyarrow as pa
-
-    drops = out["drop"]
-    vals, offsets = out["_ids"]
-    n = len(drops)
-    ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(vals, pa.int32()))
-    cols = {
-        "drop": pa.array(drops, pa.string()),
-        "source": pa.array([s if d else "" for s, d in zip(batch["source"], drops)], pa.string()),
-        "n_chars": pa.array([len(t) if not d else 0 for t, d in zip(batch["text"], drops)], pa.int64()),
-        "ids": ids,
-        "val": pa.array(out["_val"]),
-    }
-    if "_cut" in out:
-        cols["cut"] = pa.array(out["_cut"], pa.int64())
-    if "_mask" in out:
-        cols["mask"] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(out["_mask"], pa.int8()))
-    st = [""] * n
-    if n:
-        st[0] = json.dumps(stats)
-    cols["_stats"] = pa.array(st, pa.string())
-    if n == 0:
-        cols["_stats"] = pa.array([json.dumps(stats)], pa.string())
-        for k2 in ("drop", "source"):
-            cols[k2] = pa.array(["__meta__" if k2 == "drop" else ""], pa.string())
-        cols["n_chars"] = pa.array([0], pa.int64())
-        cols["ids"] = pa.ListArray.from_arrays(pa.array([0, 0], pa.int32()), pa.array([], pa.int32()))
-        cols["val"] = pa.array([False])
-        if "cut" in cols:
-            cols["cut"] = pa.array([0], pa.int64())
-        if "mask" in cols:
-            cols["mask"] = pa.ListArray.from_arrays(pa.array([0, 0], pa.int32()), pa.array([], pa.int8()))
-    return pa.table(cols)
+        return pa.table({"summary": pa.array([self.spill(batch, out, stats, name)], pa.string())})
 
 
 def batch_to_table(batch: dict[str, Any], drop_cols: tuple[str, ...] = ()):
@@ -298,7 +265,9 @@ class DataContext:
 def items_dataset(items: list[dict[str, Any]]):
     import ray.data
 
-    return ray.data.from_items([{"item": json.dumps(it)} for it in items], override_num_blocks=max(1, len(items)))
+    # objects in an item (dedup_stage.FileLosers) travel as their small to_json() reference
+    return ray.data.from_items([{"item": json.dumps(it, default=lambda o: o.to_json())} for it in items],
+                               override_num_blocks=max(1, len(items)))
 
 
 def run_udf(items: list[dict[str, Any]], runner: SegmentRunner, label: str):
@@ -306,6 +275,21 @@ def run_udf(items: list[dict[str, Any]], runner: SegmentRunner, label: str):
 
     def udf(batch):
         yield from runner(batch)
+
+    udf.__name__ = label
+    return ds.map_batches(udf, batch_size=1, batch_format="numpy", zero_copy_batch=True)
+
+
+def run_items(items: list[dict[str, Any]], fn, label: str):
+    """One Ray Data task per item: fn(item) -> a dict of strings, one output row per item (input order)."""
+    import pyarrow as pa
+
+    ds = items_dataset(items)
+
+    def udf(batch):
+        for raw in batch["item"]:
+            res = fn(json.loads(raw))
+            yield pa.table({k: pa.array([v], pa.string()) for k, v in res.items()})
 
     udf.__name__ = label
     return ds.map_batches(udf, batch_size=1, batch_format="numpy", zero_copy_batch=True)

@@ -1,15 +1,16 @@
-"""The driver side of the final segment: token rows in input order -> packed windows -> shards, manifest.
+"""The driver side of the final segment: per-batch summaries in input order -> shard tasks -> manifest counts.
 
-    sink = Sink(cfg)                 # one Packer + ShardWriter per split
-    for table in final_stream: sink.add(table, stats)
-    shards = sink.close()
+    sink = Sink(cfg, work_dir)       # the layout of both splits
+    for row in final_stream: sink.add(row, stats)   # one small JSON summary per tokenized batch
+    sink.close()                     # shard tasks in the workers; the driver gets one dict per shard
     manifest = build_manifest(cfg, tok, sink, ...)
 
-The driver consumes the ordered stream (preserve_order) batch by batch: tombstones are counted (and the
-first 1000 bad-input ones kept as examples), alive documents go to their split's Packer, whose full
-windows go straight to that split's ShardWriter. What the driver holds is one batch, one partial window
-per split, the counters and a fixed-size length histogram: nothing that grows with the corpus.
-Does not: tokenize (pipelines.data.pack.Tokenize runs in the workers) or decide dedup.
+The workers tokenize, spill each batch's tokens per split (pipelines.data.shards) and send the driver
+counts only: drops by reason (the first 1000 bad-input ones as examples), documents, tokens, a length
+histogram. The driver places every batch in its split's token stream (a few integers per batch), then
+one task per shard packs the windows and writes the shard; the driver receives path, rows, bytes and
+sha256 per shard and writes the manifest last. It never holds token ids or text.
+Does not: tokenize (pipelines.data.pack.Tokenize), pack or write shards (pipelines.data.shards).
 """
 
 from __future__ import annotations
@@ -18,31 +19,36 @@ import datetime as _dt
 import json
 from typing import Any
 
-import numpy as np
 import pyarrow
 
 from pipelines import console
 from pipelines.data.config import PrepConfig, PrepError
-from pipelines.data.ledger import HIST_EDGES, hist, merge_stats
-from pipelines.data.pack import Packer
-from pipelines.data.write import ShardWriter, rows_per_shard
+from pipelines.data.ledger import HIST_EDGES, merge_stats
+from pipelines.data.runner import run_items
+from pipelines.data.shards import MAX_PROBLEMS, SPLITS, Layout, ShardTask, SplitPlan
+from pipelines.data.write import rows_per_shard
 from pipelines.runtime import code_version as runtime_code_version
 
-SPLITS = ("train", "val")
+
+def layout_for(cfg: PrepConfig) -> Layout:
+    T = cfg.pack.block_size
+    sft = cfg.kind == "sft"
+    return Layout(block_size=T, with_mask=sft, pad_mode=sft and cfg.sft.mode == "pad",
+                  rows_per_shard=rows_per_shard(cfg.write.shard_mb, T, sft), row_group_rows=cfg.write.row_group_rows,
+                  compression=cfg.write.compression)
 
 
 class Sink:
-    """Packs and writes the final stream for both splits; keeps the counts the manifest needs."""
+    """Collects the final segment's per-batch summaries; runs the shard tasks; keeps the manifest's counts."""
 
-    def __init__(self, cfg: PrepConfig):
-        self.T = T = cfg.pack.block_size
+    def __init__(self, cfg: PrepConfig, work_dir: str):
+        self.layout = layout_for(cfg)
+        self.T = cfg.pack.block_size
+        self.output, self.work_dir = cfg.output, work_dir
         self.sft = cfg.kind == "sft"
         self.with_mask = self.sft
-        self.pad_mode = self.sft and cfg.sft.mode == "pad"
-        rps = rows_per_shard(cfg.write.shard_mb, T, self.with_mask)
-        self.writers = {s: ShardWriter(cfg.output, s, T, rps, cfg.write.row_group_rows, cfg.write.compression,
-                                       self.with_mask) for s in SPLITS}
-        self.packers = {s: Packer(T, self.with_mask) for s in SPLITS}
+        self.pad_mode = self.layout.pad_mode
+        self.plans = {s: SplitPlan(s, self.layout) for s in SPLITS}
         self.split_docs = {s: 0 for s in SPLITS}
         self.split_tokens = {s: 0 for s in SPLITS}
         self.loss_tokens = {s: 0 for s in SPLITS}
@@ -51,88 +57,41 @@ class Sink:
         self.hist_after = [0] * (len(HIST_EDGES) - 1)
         self.alive_final = 0
         self.shards: dict[str, list[dict[str, Any]]] = {}
+        self.rows_seen = 0  # summary rows the driver received (one per batch: the bound the tests check)
 
     def add(self, b, stats: dict[str, Any]) -> None:
-        """One pyarrow table of the final stream (runner.token_table rows)."""
-        for s in b.column("_stats").to_pylist():
-            if s:
-                merge_stats(stats, json.loads(s))
-        drops = b.column("drop").to_pylist()
-        srcs = b.column("source").to_pylist()
-        alive_idx = []
-        for i, d in enumerate(drops):
-            if not d:
-                alive_idx.append(i)
-            elif d != "__meta__":
-                self.final_drops[d] = self.final_drops.get(d, 0) + 1
-                if d.startswith("read:") and len(self.problems) < 1000:
-                    self.problems.append({"source": srcs[i], "reason": d})
-        if not alive_idx:
-            return
-        self.alive_final += len(alive_idx)
-        nch = b.column("n_chars").to_numpy()
-        self.hist_after = [a + c for a, c in zip(self.hist_after, hist(nch[alive_idx]))]
-        ids_col = b.column("ids").combine_chunks()
-        if "cut" in b.column_names:
-            self._add_by_position(ids_col, b.column("cut").to_numpy(), alive_idx)
-            return
-        val = b.column("val").to_numpy(zero_copy_only=False)
-        mask_col = b.column("mask").combine_chunks() if self.with_mask else None
-        for split, want in (("train", False), ("val", True)):
-            rows = np.array([i for i in alive_idx if bool(val[i]) == want], dtype=np.int64)
-            if rows.size:
-                self._add_rows(split, ids_col, mask_col, rows)
+        """One pyarrow table of summaries (shards.Spill JSON strings, in input order)."""
+        for js in b.column("summary").to_pylist():
+            self.rows_seen += 1
+            self.add_summary(json.loads(js), stats)
 
-    def _add_by_position(self, ids_col, cuts: np.ndarray, alive_idx: list[int]) -> None:
-        """split_by=position: each row's first cut tokens go to train, the rest to val."""
-        offs = ids_col.offsets.to_numpy()
-        vals = ids_col.values.to_numpy()
-        for split in SPLITS:
-            pieces = []
-            for i in alive_idx:
-                lo, hi = (offs[i], offs[i] + cuts[i]) if split == "train" else (offs[i] + cuts[i], offs[i + 1])
-                if hi > lo:
-                    pieces.append(vals[lo:hi])
-            if not pieces:
-                continue
-            self.split_docs[split] += len(pieces)
-            flat = np.concatenate(pieces)
-            self.split_tokens[split] += int(flat.size)
-            res = self.packers[split].add(flat, np.array([p.size for p in pieces], np.int64))
-            if res is not None:
-                self.writers[split].add(*res)
-
-    def _add_rows(self, split: str, ids_col, mask_col, rows: np.ndarray) -> None:
-        T = self.T
-        sel = ids_col.take(rows)
-        flat = sel.flatten().to_numpy()
-        lens = np.diff(sel.offsets.to_numpy())
-        msk = mask_col.take(rows).flatten().to_numpy() if self.with_mask else None
-        self.split_docs[split] += int(rows.size)
-        if self.pad_mode:
-            W = rows.size
-            win = flat.reshape(W, T + 1)
-            m = msk.reshape(W, T + 1)
-            # rows come padded to T+1: padding is what follows the last completion token (mask 1)
-            last = (T + 1) - 1 - np.argmax(m[:, ::-1] == 1, axis=1)
-            doc = (np.arange(T + 1)[None, :] > last[:, None]).astype(np.int32)
-            self.split_tokens[split] += int((doc == 0).sum())
-            self.loss_tokens[split] += int(m.sum())
-            self.writers[split].add(win, doc, m)
-            return
-        self.split_tokens[split] += int(flat.size)
-        if self.with_mask:
-            self.loss_tokens[split] += int(msk.sum())
-        res = self.packers[split].add(flat, lens, msk)
-        if res is not None:
-            self.writers[split].add(*res)
+    def add_summary(self, s: dict[str, Any], stats: dict[str, Any]) -> None:
+        merge_stats(stats, s["stats"])
+        for d, n in s["drops"].items():
+            self.final_drops[d] = self.final_drops.get(d, 0) + n
+        self.problems.extend(s["problems"][:MAX_PROBLEMS - len(self.problems)])
+        self.alive_final += s["alive"]
+        self.hist_after = [a + c for a, c in zip(self.hist_after, s["hist"])]
+        for split, v in s["splits"].items():
+            self.split_docs[split] += v["docs"]
+            self.split_tokens[split] += v["tokens"]
+            self.loss_tokens[split] += v["loss_tokens"]
+            self.plans[split].add(s["file"], v["n"], v["n_docs"])
 
     def close(self) -> None:
-        self.shards = {s: w.close() for s, w in self.writers.items()}
+        """Pack and write every shard in the workers (one task per shard, in shard order)."""
+        items = [it for s in SPLITS for it in self.plans[s].items(self.work_dir)]
+        task = ShardTask(self.output, self.layout)
+        self.shards = {s: [] for s in SPLITS}
+        if not items:
+            return
+        for b in run_items(items, task, "write_shards").iter_batches(batch_size=None, batch_format="pyarrow"):
+            for split, js in zip(b.column("split").to_pylist(), b.column("shard").to_pylist()):
+                self.rows_seen += 1
+                self.shards[split].append(json.loads(js))
 
     def abort(self) -> None:
-        for w in self.writers.values():
-            w.abort()
+        """Nothing to undo: shard files without a manifest are an unfinished output (cleared by the next run)."""
 
     def splits(self) -> dict[str, dict[str, Any]]:
         """The manifest's "splits"; refuses a dataset without one training row."""
@@ -142,7 +101,7 @@ class Sink:
             out[s] = {"rows": rows, "docs": self.split_docs[s], "tokens": self.split_tokens[s],
                       "shards": self.shards[s]}
             if not self.pad_mode:
-                out[s]["tail_tokens_dropped"] = self.packers[s].tail_tokens()
+                out[s]["tail_tokens_dropped"] = self.layout.tail_tokens(self.plans[s].n_tokens)
             if self.sft:
                 out[s]["loss_tokens"] = self.loss_tokens[s]
         if out["train"]["rows"] == 0:

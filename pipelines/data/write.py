@@ -71,7 +71,8 @@ class _HashingFile:
 
 class ShardWriter:
     def __init__(self, root: str, split: str, block_size: int, rows_per_shard: int, row_group_rows: int = 1024,
-                 compression: str = "zstd", with_mask: bool = False):
+                 compression: str = "zstd", with_mask: bool = False, first_shard: int = 0):
+        self.first_shard = first_shard  # number of the first shard this writer writes (one task per shard)
         self.root, self.split = root.rstrip("/"), split
         self.T1 = block_size + 1
         self.rows_per_shard = rows_per_shard
@@ -129,7 +130,7 @@ class ShardWriter:
         return f"{self.split}/part-{k:05d}.parquet"
 
     def _open(self) -> None:
-        rel = self._rel(len(self.shards))
+        rel = self._rel(self.first_shard + len(self.shards))
         path = f"{self._root_path}/{rel}"
         self.fs.makedirs(f"{self._root_path}/{self.split}", exist_ok=True)
         self._file = _HashingFile(self.fs.open(path, "wb"))
@@ -142,7 +143,7 @@ class ShardWriter:
         assert self._writer is not None and self._file is not None
         self._writer.close()
         self._file.close()
-        self.shards.append({"path": self._rel(len(self.shards)), "rows": self._shard_rows,
+        self.shards.append({"path": self._rel(self.first_shard + len(self.shards)), "rows": self._shard_rows,
                             "bytes": self._file.n, "sha256": self._file.h.hexdigest()})
         self._writer, self._file, self._shard_rows = None, None, 0
 
