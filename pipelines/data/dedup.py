@@ -22,6 +22,7 @@ near-duplicate lines or paragraphs inside a document (gopher_repetition does).
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import numpy as np
@@ -226,8 +227,10 @@ _PY_LOWER = bytes(_LOWER.tolist())
 
 # ----------------------------------------------------------------------------------------------- decisions
 
-def auto_partitions(input_bytes: int, per_partition: int = 256 << 20, cap: int = 64) -> int:
-    """Groupby partitions from the input size (decided before the data is seen)."""
+def auto_partitions(input_bytes: int, per_partition: int = 32 << 20, cap: int = 4096) -> int:
+    """Groupby partitions from the input size (decided before the data is seen). A partition's key rows are
+    sorted in one task, so per_partition (input bytes) bounds that task's memory (~1-2x per_partition)
+    whatever the corpus size, up to cap * per_partition of input (128 GB)."""
     return int(max(1, min(cap, input_bytes // per_partition + 1)))
 
 
@@ -312,12 +315,27 @@ def decide_group(tbl, max_bucket: int = 5000):
         ia = np.concatenate([first, ci - 1])
         ib = np.concatenate([np.flatnonzero(member), ci])
         diff = ids[ia] != ids[ib]  # a document repeated inside one bucket (cannot happen; be safe)
-        out_a.append(ids[ia][diff])
-        out_b.append(ids[ib][diff])
-        out_k.append(np.full(int(diff.sum()), KIND_BAND, np.int8))
-        out_fa.append(fid[ia][diff])
-        out_fb.append(fid[ib][diff])
+        a, b, fa, fb = _unique_pairs(ids[ia][diff], ids[ib][diff], fid[ia][diff], fid[ib][diff])
+        out_a.append(a)
+        out_b.append(b)
+        out_k.append(np.full(a.size, KIND_BAND, np.int8))
+        out_fa.append(fa)
+        out_fb.append(fb)
     return _decision_table(out_k, out_a, out_b, out_fa, out_fb)
+
+
+def _unique_pairs(a: np.ndarray, b: np.ndarray, fa: np.ndarray, fb: np.ndarray):
+    """One row per candidate pair: the bands of one partition that agree on a pair emit it once (near
+    duplicates share most bands, so this shrinks what the verification shuffle moves several times)."""
+    import pyarrow as pa
+
+    if a.size < 2:
+        return a, b, fa, fb
+    t = pa.table({"a": pa.array(a.tolist(), pa.string()), "b": pa.array(b.tolist(), pa.string()),
+                  "fa": pa.array(fa.astype(np.int64)), "fb": pa.array(fb.astype(np.int64))})
+    u = t.group_by(["a", "b"], use_threads=False).aggregate([("fa", "min"), ("fb", "min")])
+    return (u.column("a").to_numpy(zero_copy_only=False), u.column("b").to_numpy(zero_copy_only=False),
+            u.column("fa_min").to_numpy(), u.column("fb_min").to_numpy())
 
 
 def _decision_table(out_k, out_a, out_b, out_fa, out_fb):
@@ -476,10 +494,26 @@ class Signatures:
         return out
 
 
+def losers_path(losers_dir: str, name: str, fid: int) -> str:
+    """One work file's losers of one dedup step (written by pipelines.data.dedup_stage)."""
+    return f"{losers_dir}/{name}-{fid}.parquet"
+
+
+def read_losers(losers_dir: str, name: str, fid: int) -> list[str]:
+    """One work file's losers of one dedup step ([] when it has none)."""
+    import pyarrow.parquet as pq
+
+    path = losers_path(losers_dir, name, fid)
+    if not os.path.exists(path):
+        return []
+    return pq.read_table(path).column("doc_id").to_pylist()
+
+
 class ApplyLosers:
     """After the barrier: mark the documents chosen by the global decision as dropped. With a losers_ref
     (object ref or list) every task gets all losers; with None each task binds the losers of the work
-    file it reads (bind_item: item["losers"][name]), so no process holds more than one file's losers."""
+    file it reads (bind_item: item["losers"], a {"dir", "file"} reference to that file's loser files, or
+    {name: [doc_id, ...]}), so no process holds more than one file's losers."""
 
     def __init__(self, name: str, reason: str, losers_ref: Any):
         self.name, self.reason, self._ref = name, reason, losers_ref
@@ -490,7 +524,11 @@ class ApplyLosers:
 
     def bind_item(self, item: dict[str, Any]) -> None:
         if self._ref is None:
-            self._set = set(item.get("losers", {}).get(self.name, ()))
+            ref = item.get("losers", {})
+            if "dir" in ref:
+                self._set = set(read_losers(ref["dir"], self.name, ref["file"]))
+            else:
+                self._set = set(ref.get(self.name, ()))
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         if self._set is None:

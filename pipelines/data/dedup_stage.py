@@ -1,20 +1,26 @@
-"""The dedup barrier on Ray Data: key rows -> groupby decisions -> verification in the workers -> losers per file.
+"""The dedup barrier on Ray Data: key rows -> groupby decisions -> losers written per work file, in the workers.
 
     dec = decide_barrier(bar, key_ds, partitions, stage_dir)     # on the driver, after a segment
-    items = dec.next_items(work_files)                            # each work file with its own losers
+    items = dec.next_items(work_files)                            # each item names its own losers file
 
 One groupby on `_part` (pipelines.data.dedup.decide_group) marks exact duplicates and emits LSH candidate
 pairs, each with the work files of its two documents. The decisions are materialized in the object store
-(spilled to disk when large), never on the driver. Fuzzy candidates are then grouped by their pair of work
-files and verified in the workers (VerifyGroup reads only those two files), so the driver receives only
-exact losers, verified pairs and one stats row per batch: O(duplicates), not O(candidates) or O(text).
-Connected components of the verified pairs pick one survivor per cluster (the smallest doc_id). Each
-work file of the next segment gets only its own losers. Does not: hash documents (Signatures, in the
-segment) or write work files (pipelines.data.runner).
+(spilled to disk when large), never on the driver. Exact losers (and the per-batch stats rows) are then
+grouped by work file in the workers, which write `<stage>/losers/exact_dedup-<file>.parquet` and merge the
+stats: the driver gets one count row per work file. Fuzzy candidates are grouped by their pair of work files
+and verified in the workers (VerifyGroup reads only those two work files and their two exact-loser files),
+so the driver receives only verified pairs and counts: O(near duplicates), never the candidates, the exact
+losers or any text. Connected components of the verified pairs pick one survivor per cluster (the smallest
+doc_id); the driver writes those losers per work file. Each task of the next segment reads only the losers
+of the work file it reads (ApplyLosers.bind_item). Does not: hash documents (Signatures, in the segment)
+or write work files (pipelines.data.runner).
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +33,11 @@ from pipelines.data.dedup import (
     ApplyLosers,
     cluster_losers,
     decide_group,
+    losers_path,
+    read_losers,
     verify_pairs,
 )
+from pipelines.data.ledger import merge_stats
 from pipelines.data.plan import Barrier
 from pipelines.data.step_configs import FuzzyDedupConfig
 
@@ -53,16 +62,63 @@ def file_name_of(fid: int) -> str:
     return work_file_name(fid // FILE_ID_BASE, fid % FILE_ID_BASE)
 
 
+def write_losers(losers_dir: str, name: str, fid: int, ids) -> None:
+    """The sorted losers of one work file (atomic: written to a temp name, then renamed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = losers_path(losers_dir, name, fid)
+    tmp = f"{path}.tmp"
+    pq.write_table(pa.table({"doc_id": pa.array(sorted(set(ids)), pa.string())}), tmp)
+    os.replace(tmp, path)
+
+
+class FileLosers:
+    """item["losers"] of a work file: a reference to its loser files, read where they are applied (in the
+    worker that reads the work file). Serialized as {"dir", "file", "names"}; .items() reads them."""
+
+    def __init__(self, losers_dir: str, fid: int, names: list[str]):
+        self.dir, self.fid, self.names = losers_dir, fid, list(names)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dir": self.dir, "file": self.fid, "names": self.names}
+
+    def items(self) -> list[tuple[str, list[str]]]:
+        return [(n, ids) for n in self.names for ids in [read_losers(self.dir, n, self.fid)] if ids]
+
+
+class LoserSet:
+    """All losers of one dedup step at a barrier, on disk (one file per work file); iterating reads them."""
+
+    def __init__(self, losers_dir: str, name: str):
+        self.dir, self.name, self.count = losers_dir, name, 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[str]:
+        prefix = f"{self.name}-"
+        for p in sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []:
+            if p.startswith(prefix) and p.endswith(".parquet"):
+                yield from read_losers(self.dir, self.name, int(p[len(prefix):-len(".parquet")]))
+
+
 @dataclass
 class Decisions:
-    """What the driver learns at a barrier: losers (with their work file), counts, stats rows."""
+    """What the driver learns at a barrier: loser counts (the losers stay on disk, per work file), stats."""
 
-    exact: dict[str, int] = field(default_factory=dict)  # doc_id -> work file id
-    fuzzy: dict[str, int] = field(default_factory=dict)
-    stats: list[str] = field(default_factory=list)
+    losers_dir: str
+    exact: LoserSet = field(init=False)
+    fuzzy: LoserSet = field(init=False)
+    stats: list[str] = field(default_factory=list)  # merged stats JSON (one per group of stats rows)
     candidate_pairs: int = 0
     verified_pairs: int = 0
     rows_seen: int = 0  # rows the driver received from the workers (the bound the tests check)
+
+    def __post_init__(self):
+        os.makedirs(self.losers_dir, exist_ok=True)
+        self.exact = LoserSet(self.losers_dir, "exact_dedup")
+        self.fuzzy = LoserSet(self.losers_dir, "fuzzy_dedup")
 
     def info(self, bar: Barrier) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -79,33 +135,53 @@ class Decisions:
                 for name in bar.order]
 
     def next_items(self, files: list[str]) -> list[dict[str, Any]]:
-        by_file: dict[int, dict[str, list[str]]] = {}
-        for name, losers in (("exact_dedup", self.exact), ("fuzzy_dedup", self.fuzzy)):
-            for doc, fid in sorted(losers.items()):
-                by_file.setdefault(fid, {}).setdefault(name, []).append(doc)
-        return [{"file": f, "order": k, "losers": by_file.get(file_id_of(f), {})} for k, f in enumerate(files)]
+        names = ["exact_dedup", "fuzzy_dedup"]
+        return [{"file": f, "order": k, "losers": FileLosers(self.losers_dir, file_id_of(f), names)}
+                for k, f in enumerate(files)]
+
+
+class ExactToFiles:
+    """Runs in the workers: one group of non-band decision rows (one work file's exact losers, or the
+    stats rows: file -1) -> that file's loser file, or the merged stats; one small row for the driver."""
+
+    def __init__(self, losers_dir: str):
+        self.losers_dir = losers_dir
+
+    def __call__(self, t):
+        import pyarrow as pa
+
+        kind = t.column("kind").to_numpy()
+        a = t.column("a").to_numpy(zero_copy_only=False)
+        merged: dict[str, Any] = {"steps": {}}
+        st = a[kind == KIND_STATS]
+        for js in st.tolist():
+            merge_stats(merged, json.loads(js))
+        lose = a[kind == KIND_EXACT].tolist()
+        if lose:
+            write_losers(self.losers_dir, "exact_dedup", int(t.column("fa")[0].as_py()), lose)
+        return pa.table({"n": pa.array([len(set(lose))], pa.int64()),
+                         "stats": pa.array([json.dumps(merged) if st.size else ""], pa.string())})
 
 
 class VerifyGroup:
     """Runs in the workers: candidate pairs between two work files -> the verified ones, plus the number of
-    unique candidates (pairs with an exact duplicate are left out: its winner has the same buckets)."""
+    unique candidates (pairs with an exact duplicate are left out: its winner has the same buckets). The
+    exact losers it needs are those of its two work files, read from their loser files."""
 
-    def __init__(self, cfg: FuzzyDedupConfig, stage_dir: str, exact_ref: Any):
-        self.cfg, self.stage_dir, self.exact_ref = cfg, stage_dir, exact_ref
+    def __init__(self, cfg: FuzzyDedupConfig, stage_dir: str, losers_dir: str):
+        self.cfg, self.stage_dir, self.losers_dir = cfg, stage_dir, losers_dir
 
     def __call__(self, tbl):
         import pyarrow as pa
-        import ray
 
-        exact = ray.get(self.exact_ref) if self.exact_ref is not None else np.zeros(0, object)
         a = tbl.column("a").to_numpy(zero_copy_only=False)
         b = tbl.column("b").to_numpy(zero_copy_only=False)
+        fa, fb = int(tbl.column("fa")[0].as_py()), int(tbl.column("fb")[0].as_py())
         pairs = sorted(set(zip(a.tolist(), b.tolist())))
-        if len(exact) and pairs:
-            gone = set(exact.tolist())
+        gone = {x for f in {fa, fb} for x in read_losers(self.losers_dir, "exact_dedup", f)}
+        if gone and pairs:
             pairs = [(x, y) for x, y in pairs if x not in gone and y not in gone]
         cand = np.array(pairs, dtype=object).reshape(-1, 2)
-        fa, fb = int(tbl.column("fa")[0].as_py()), int(tbl.column("fb")[0].as_py())
         files = sorted({f"{self.stage_dir}/{file_name_of(fa)}", f"{self.stage_dir}/{file_name_of(fb)}"})
         ver = verify_pairs(cand, files, self.cfg) if len(cand) else cand
         n = len(ver)
@@ -126,8 +202,8 @@ def _kinds(want_band: bool):
 
 
 def decide_barrier(bar: Barrier, key_ds, partitions: int, stage_dir: str) -> Decisions:
-    """Groupby decisions, then (fuzzy) verification in the workers; the driver gets losers and counts only."""
-    import ray
+    """Groupby decisions, exact losers written per work file and fuzzy verification, all in the workers;
+    the driver gets counts, merged stats and the verified pairs only."""
     from ray.data.context import ShuffleStrategy
 
     max_bucket = bar.fuzzy.max_bucket if bar.fuzzy is not None else 5000
@@ -141,21 +217,32 @@ def decide_barrier(bar: Barrier, key_ds, partitions: int, stage_dir: str) -> Dec
     dec = key_ds.groupby("_part", num_partitions=partitions).map_groups(decide, batch_format="pyarrow")
     if bar.fuzzy is not None:
         dec = dec.materialize()  # read twice (exact + stats, then candidates): kept in the object store
-    out = Decisions()
-    for b in dec.map_batches(_kinds(False), batch_format="pyarrow").iter_batches(batch_format="pyarrow",
-                                                                                 batch_size=None):
+    out = Decisions(f"{stage_dir}/losers")
+    to_files = ExactToFiles(out.losers_dir)
+
+    def exact_to_files(t):
+        return to_files(t)
+
+    rest = dec.map_batches(_kinds(False), batch_format="pyarrow")
+    rest.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    for b in rest.groupby("fa", num_partitions=partitions).map_groups(exact_to_files, batch_format="pyarrow") \
+            .iter_batches(batch_format="pyarrow", batch_size=None):
         out.rows_seen += b.num_rows
-        for k, x, f in zip(b.column("kind").to_numpy(), b.column("a").to_pylist(), b.column("fa").to_pylist()):
-            if k == KIND_EXACT and bar.exact is not None:
-                out.exact[x] = f
-            elif k == KIND_STATS:
-                out.stats.append(x)
-    if bar.fuzzy is None:
-        return out
-    exact_ref = ray.put(np.array(sorted(out.exact), dtype=object)) if out.exact else None
+        out.exact.count += int(b.column("n").to_numpy().sum())
+        out.stats += [x for x in b.column("stats").to_pylist() if x]
+    if bar.fuzzy is not None:
+        _fuzzy(bar.fuzzy, dec, partitions, stage_dir, out)
+    return out
+
+
+def _fuzzy(cfg: FuzzyDedupConfig, dec, partitions: int, stage_dir: str, out: Decisions) -> None:
+    """Verify the candidates in the workers (grouped by pair of work files); cluster the verified pairs on
+    the driver and write each work file's near-duplicate losers."""
+    from ray.data.context import ShuffleStrategy
+
     cand = dec.map_batches(_kinds(True), batch_format="pyarrow")
     cand.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    verify_group = VerifyGroup(bar.fuzzy, stage_dir, exact_ref)
+    verify_group = VerifyGroup(cfg, stage_dir, out.losers_dir)
 
     def verify(t):
         return verify_group(t)
@@ -171,5 +258,10 @@ def decide_barrier(bar: Barrier, key_ds, partitions: int, stage_dir: str) -> Dec
                 pairs.append((x, y))
                 where[x], where[y] = fx, fy
     out.verified_pairs = len(pairs)
-    out.fuzzy = {d: where[d] for d in cluster_losers(np.array(sorted(pairs), dtype=object).reshape(-1, 2))}
-    return out
+    by_file: dict[int, list[str]] = {}
+    for d in cluster_losers(np.array(sorted(pairs), dtype=object).reshape(-1, 2)):
+        by_file.setdefault(where[d], []).append(d)
+    del pairs, where
+    for fid, ids in sorted(by_file.items()):
+        write_losers(out.losers_dir, "fuzzy_dedup", fid, ids)
+        out.fuzzy.count += len(ids)
