@@ -17,7 +17,9 @@ Prints medians of MB/s, the ratio pipeline / peer, per-step throughput (from tim
 core) and peak RSS. --write-md replaces the "## Data prep" section of BENCHMARKS.md.
 --scale 1,4,16 runs every variant on corpora of 1x, 4x and 16x --mb and reports, per size, wall, MB/s
 and peak RSS per process: the driver (the `raygpt prep` process), the largest Ray worker (processes
-under the raylet) and the rest (GCS, raylet, dashboard), sampled with psutil every 50 ms; it prints
+under the raylet) and the rest (GCS, raylet, dashboard), sampled with psutil every 50 ms, and for the
+driver and the largest worker also without shared pages (RSS - shared: what is left once the Ray object
+store's pages a process has mapped are taken out, since those count in its RSS); it prints
 the load averages (`uptime`) at start and end, and --write-md writes "## Data prep at scale".
 Does not: measure the cleaning steps alone (bench/steps.py does).
 """
@@ -124,8 +126,9 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def _roles(pid: int) -> dict[int, tuple[str, int]]:
-    """pid -> (role, rss) for the prep process tree: driver, worker (a child of the raylet), other."""
+def _roles(pid: int) -> dict[int, tuple[str, int, int]]:
+    """pid -> (role, rss, private) for the prep process tree: driver, worker (a child of the raylet), other.
+    private = rss - shared pages (mostly the Ray object store's pages the process has mapped)."""
     import psutil
 
     try:
@@ -138,7 +141,8 @@ def _roles(pid: int) -> dict[int, tuple[str, int]]:
     for p in procs:
         try:
             role = "driver" if p.pid == pid else "worker" if p.ppid() in raylets else "other"
-            out[p.pid] = (role, p.memory_info().rss)
+            mi = p.memory_info()
+            out[p.pid] = (role, mi.rss, mi.rss - mi.shared)
         except psutil.NoSuchProcess:
             pass
     return out
@@ -157,13 +161,16 @@ class RssSampler:
     def __init__(self, pid: int):
         self.pid, self.peak_tree = pid, 0
         self.peak: dict[int, tuple[str, int]] = {}
+        self.private: dict[int, tuple[str, int]] = {}
 
     def sample(self) -> None:
         now = _roles(self.pid)
-        self.peak_tree = max(self.peak_tree, sum(r for _, r in now.values()))
-        for pid, (role, rss) in now.items():
+        self.peak_tree = max(self.peak_tree, sum(r for _, r, _ in now.values()))
+        for pid, (role, rss, priv) in now.items():
             if rss > self.peak.get(pid, (role, 0))[1]:
                 self.peak[pid] = (role, rss)
+            if priv > self.private.get(pid, (role, 0))[1]:
+                self.private[pid] = (role, priv)
 
     def by_role(self) -> dict[str, int]:
         """driver: its peak; worker: the largest single worker's peak; other: the sum of the others' peaks."""
@@ -174,6 +181,9 @@ class RssSampler:
             else:
                 out[role] = max(out[role], rss)
                 out["workers"] += rss if role == "worker" else 0
+        for role, priv in self.private.values():  # the same without shared (object store) pages
+            if role != "other":
+                out[f"{role}_private"] = max(out.get(f"{role}_private", 0), priv)
         return out
 
 
@@ -264,7 +274,8 @@ def run_scale(args: argparse.Namespace, variants: list[str], d: Path) -> None:
             rows.append({"scale": sc, "mb": mbs, "variant": v, "wall": wall, "mb_s": mbs / wall, "tree": tree, **rss})
             print(f"x{sc:g} ({mbs:.1f} MB) {v}: {wall:.1f}s wall, {mbs / wall:.2f} MB/s, peak RSS MiB: driver "
                   f"{rss['driver']:.0f}, largest worker {rss['worker']:.0f}, all workers {rss['workers']:.0f}, "
-                  f"other Ray {rss['other']:.0f}, whole tree {tree:.0f}", flush=True)
+                  f"other Ray {rss['other']:.0f}, whole tree {tree:.0f}; without shared pages: driver "
+                  f"{rss.get('driver_private', 0):.0f}, largest worker {rss.get('worker_private', 0):.0f}", flush=True)
         shutil.rmtree(sd, ignore_errors=True)
     load_end = _uptime()
     print(f"end: {load_end}", flush=True)

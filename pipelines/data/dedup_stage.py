@@ -9,9 +9,10 @@ pairs, each with the work files of its two documents. The decisions are material
 grouped by work file in the workers, which write `<stage>/losers/exact_dedup-<file>.parquet` and merge the
 stats: the driver gets one count row per work file. Fuzzy candidates are grouped by their pair of work files
 and verified in the workers (VerifyGroup reads only those two work files and their two exact-loser files),
-so the driver receives only verified pairs and counts: O(near duplicates), never the candidates, the exact
-losers or any text. Connected components of the verified pairs pick one survivor per cluster (the smallest
-doc_id); the driver writes those losers per work file. Each task of the next segment reads only the losers
+so the driver receives only verified pairs (kept as Arrow columns, ~40 bytes a pair) and counts:
+O(near duplicates), never the candidates, the exact losers or any text. Connected components of the
+verified pairs (vectorised min-label propagation) pick one survivor per cluster (the smallest doc_id); the
+driver writes those losers per work file. Each task of the next segment reads only the losers
 of the work file it reads (ApplyLosers.bind_item). Does not: hash documents (Signatures, in the segment)
 or write work files (pipelines.data.runner).
 """
@@ -25,13 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.data.dedup import (
     KIND_BAND,
     KIND_EXACT,
     KIND_STATS,
     ApplyLosers,
-    cluster_losers,
     decide_group,
     losers_path,
     read_losers,
@@ -248,20 +250,52 @@ def _fuzzy(cfg: FuzzyDedupConfig, dec, partitions: int, stage_dir: str, out: Dec
         return verify_group(t)
 
     verified = cand.groupby(["fa", "fb"], num_partitions=partitions).map_groups(verify, batch_format="pyarrow")
-    pairs, where = [], {}
+    kept = []  # the verified pairs, as Arrow columns (no Python object per document)
     for b in verified.iter_batches(batch_format="pyarrow", batch_size=None):
         out.rows_seen += b.num_rows
         out.candidate_pairs += int(b.column("n_cand").to_numpy().sum())
-        for x, y, fx, fy in zip(b.column("a").to_pylist(), b.column("b").to_pylist(), b.column("fa").to_pylist(),
-                                b.column("fb").to_pylist()):
-            if x:
-                pairs.append((x, y))
-                where[x], where[y] = fx, fy
-    out.verified_pairs = len(pairs)
-    by_file: dict[int, list[str]] = {}
-    for d in cluster_losers(np.array(sorted(pairs), dtype=object).reshape(-1, 2)):
-        by_file.setdefault(where[d], []).append(d)
-    del pairs, where
-    for fid, ids in sorted(by_file.items()):
-        write_losers(out.losers_dir, "fuzzy_dedup", fid, ids)
-        out.fuzzy.count += len(ids)
+        b = b.filter(pc.not_equal(b.column("a"), ""))
+        if b.num_rows:
+            kept.append(b.select(["a", "b", "fa", "fb"]))
+    out.verified_pairs = sum(t.num_rows for t in kept)
+    losers, files = cluster_losers_arrow(pa.concat_tables(kept) if kept else None)
+    del kept
+    order = np.argsort(files, kind="stable")
+    bounds = np.flatnonzero(np.diff(files[order])) + 1
+    for idx in np.split(order, bounds) if order.size else []:
+        write_losers(out.losers_dir, "fuzzy_dedup", int(files[idx[0]]), losers.take(pa.array(idx)).to_pylist())
+        out.fuzzy.count += int(idx.size)
+
+
+def cluster_losers_arrow(pairs) -> tuple[Any, np.ndarray]:
+    """dedup.cluster_losers on Arrow columns (a, b, fa, fb): connected components by vectorised min-label
+    propagation over integer node ranks (rank = doc_id order, so a component's label is its smallest
+    doc_id); returns every other member (an Arrow string array) and its work file id."""
+    if pairs is None or pairs.num_rows == 0:
+        return pa.array([], pa.string()), np.zeros(0, np.int64)
+    ends = pa.chunked_array(pairs.column("a").chunks + pairs.column("b").chunks).combine_chunks()
+    enc = ends.dictionary_encode()
+    nodes = enc.dictionary  # unique doc_ids (first-seen order)
+    rank = np.empty(len(nodes), np.int64)
+    order = pc.sort_indices(nodes).to_numpy()  # UTF-8 byte order == code point order == Python's str order
+    rank[order] = np.arange(len(nodes))
+    e = rank[enc.indices.to_numpy()]
+    u, v = e[:pairs.num_rows], e[pairs.num_rows:]
+    label = np.arange(len(nodes), dtype=np.int64)  # by rank
+    while True:
+        m = np.minimum(label[u], label[v])
+        new = label.copy()
+        np.minimum.at(new, u, m)
+        np.minimum.at(new, v, m)
+        while True:  # pointer jumping: a label's own label is at least as small
+            nxt = new[new]
+            if (nxt == new).all():
+                break
+            new = nxt
+        if (new == label).all():
+            break
+        label = new
+    lose = np.flatnonzero(label != np.arange(len(nodes)))  # ranks that are not their component's minimum
+    file_of = np.empty(len(nodes), np.int64)
+    file_of[e] = np.concatenate([pairs.column("fa").to_numpy(), pairs.column("fb").to_numpy()])
+    return nodes.take(pa.array(order[lose])), file_of[lose]

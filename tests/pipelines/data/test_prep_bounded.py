@@ -120,3 +120,29 @@ def test_exact_dedup_sends_the_driver_counts_not_losers(tmp_path, ray_session):
         assert step._set <= in_file
         bound |= step._set
     assert bound == losers
+
+
+def test_driver_side_clustering_on_arrow_equals_the_reference():
+    """The verified pairs stay Arrow columns on the driver; the vectorised components give the losers of
+    dedup.cluster_losers (every member but the smallest doc_id), each with its work file."""
+    import pyarrow as pa
+
+    from pipelines.data.dedup import cluster_losers
+    from pipelines.data.dedup_stage import cluster_losers_arrow
+
+    rng = random.Random(11)
+    ids = [f"{rng.choice('abcé')}{k:04d}" for k in range(3000)]
+    file_of = {d: rng.randrange(40) for d in ids}
+    pairs = set()
+    for _ in range(2500):  # chains, stars and isolated pairs
+        x, y = sorted(rng.sample(ids[:1200], 2))
+        pairs.add((x, y))
+    pairs = sorted(pairs)
+    t = pa.table({"a": [p[0] for p in pairs], "b": [p[1] for p in pairs],
+                  "fa": [file_of[p[0]] for p in pairs], "fb": [file_of[p[1]] for p in pairs]})
+    losers, files = cluster_losers_arrow(t)
+    got = sorted(zip(losers.to_pylist(), files.tolist()))
+    want = cluster_losers(np.array(pairs, dtype=object))
+    assert [d for d, _ in got] == want and len(want) > 100
+    assert all(f == file_of[d] for d, f in got)
+    assert cluster_losers_arrow(None)[1].size == 0
