@@ -58,6 +58,9 @@ PREP = REPO / "jobs" / "configs" / "prep-shakespeare-char.yaml"
 RUNS = REPO / "runs" / "bench" / "train"
 RECIPE = REPO / "jobs" / "configs" / "train-shakespeare-char.yaml"
 FAST = REPO / "jobs" / "configs" / "train-shakespeare-char-fast.yaml"
+# the steady-state modes (a, a-sliced, b, b-sliced) run the recipe compiled, as BENCHMARKS.md (a)/(b) measured it:
+# the recipe file itself runs eager (a cold compile costs more than it saves in one 2000-step run)
+STEADY = ["compile=true"]
 sys.path.insert(0, str(REPO))
 
 
@@ -187,7 +190,6 @@ def nanogpt_data(root: Path) -> None:
 def nanogpt_run(root: Path, iters: int) -> dict:
     """nanoGPT's README CPU command, `iters` iterations, no eval: median ms/iter from its `iter N: ... time Xms` lines."""
     import re
-    import shutil
     import subprocess
 
     nanogpt_data(root)
@@ -258,7 +260,8 @@ def bench_a(repeats: int, iters: int, nanogpt: Path | None = None) -> dict:
                                    "raygpt-1t": []}
     if nanogpt:
         runs["nanogpt"] = []
-    common = [f"max_steps={iters}", f"optim.decay_steps={max(iters, 200)}", f"eval_interval={iters}", "ckpt_interval=0"]
+    common = [f"max_steps={iters}", f"optim.decay_steps={max(iters, 200)}", f"eval_interval={iters}", "ckpt_interval=0",
+              *STEADY]
     for i in range(repeats):
         if nanogpt:
             runs["nanogpt"].append(nanogpt_run(nanogpt, iters))
@@ -302,7 +305,7 @@ def bench_b(repeats: int, iters: int) -> dict:
     2 threads; and 1 thread as a second peer), same global batch of 12, same 2 cores."""
     ray_init()
     runs: dict[str, list[dict]] = {"one-2t": [], "one-1t": [], "two-zero2": []}
-    common = [f"max_steps={iters}", f"optim.decay_steps={max(iters, 200)}", "eval_interval=0", "ckpt_interval=0"]
+    common = [f"max_steps={iters}", f"optim.decay_steps={max(iters, 200)}", "eval_interval=0", "ckpt_interval=0", *STEADY]
     for i in range(repeats):
         runs["one-2t"].append(raygpt_run(f"b1-{i}", common + ["torch_threads=2"]))
         runs["two-zero2"].append(raygpt_run(f"b2-{i}", common + [
@@ -559,7 +562,8 @@ def bench_a_sliced(nanogpt: Path, rounds: int, window_s: float) -> dict:
 
     n = _steps_needed(rounds, 3, window_s, 0.016)
     out = _sliced([ray_peer, nano, plain], [("a-sliced", [f"max_steps={n}", f"optim.decay_steps={n}",
-                                                          f"eval_interval={n}", "ckpt_interval=0", "log.interval=10"])],
+                                                          f"eval_interval={n}", "ckpt_interval=0", "log.interval=10",
+                                                          *STEADY])],
                   rounds, window_s, start)
     res = out["raygpt"]["a-sliced"]
     return {"window_s": window_s, "rounds": out["rounds"], "rounds_used": len(out["per_round"]),
@@ -578,7 +582,8 @@ def bench_b_sliced(rounds: int, window_s: float) -> dict:
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(log_to_driver=False, num_cpus=4)
     n = _steps_needed(rounds, 2, window_s, 0.018)
-    common = [f"max_steps={n}", f"optim.decay_steps={n}", f"eval_interval={n}", "ckpt_interval=0", "log.interval=10"]
+    common = [f"max_steps={n}", f"optim.decay_steps={n}", f"eval_interval={n}", "ckpt_interval=0", "log.interval=10",
+              *STEADY]
     one = _Peer("one-2t", RUNS / "b-sliced-one", workers=1)
     two = _Peer("two-zero2", RUNS / "b-sliced-two", workers=2)
     out = _sliced([one, two], [("b-sliced-one", common + ["torch_threads=2"]),

@@ -163,7 +163,7 @@ def overhead(data: Path, repeats: int, compile: bool, steps: int = 20) -> dict:
         print(json.dumps({"repeat": i, "wall_s": round(r["wall_s"], 2), **r["phases"],
                           "cpu_total_s": r["cpu_total_s"], "load": os.getloadavg()[0]}), flush=True)
     med = _phase_medians(runs, "phases")
-    print("\nphase (median of %d runs, compile %s)      seconds" % (repeats, "on, cold cache" if compile else "off"))
+    print(f"\nphase (median of {repeats} runs, compile {'on, cold cache' if compile else 'off'})      seconds")
     for k, v in med.items():
         print(f"  {k:28s} {v:8.3f}")
     return {"compile": compile, "steps": steps, "phase_seconds_median": med, "wall_s": _stats([r["wall_s"] for r in runs]),
