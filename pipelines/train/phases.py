@@ -22,8 +22,9 @@ MARKS: list[tuple[str, str]] = [
     ("process_start", ""),
     ("run_start", "import"),            # interpreter start, CLI + config, `import pipelines.train.trainer`
     ("validated", "validate"),          # dataset, init checkpoint, run dir, compiler checks
-    ("ray_ready", "ray_init"),          # ensure_ray: a local Ray (GCS, raylet, dashboard) or joining one
-    ("ray_imported", "driver_ray_import"),  # what is left of importing ray.train.torch (a background thread)
+    ("ray_ready", "ray_init"),          # ensure_ray (a local Ray: GCS, raylet, dashboard; or joining one),
+                                        # while a thread imports ray.train.torch (torch) on the driver
+    ("ray_imported", "driver_ray_import"),  # the rest of those imports (~0)
     ("fit_start", "driver_setup"),      # resources check, config.json, TorchTrainer
     ("worker_start", "worker_group"),   # Ray Train controller, placement group, worker actors, process group
     ("imports_done", "worker_import"),  # torch, gptcore, deepspeed in the worker

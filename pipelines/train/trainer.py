@@ -268,14 +268,16 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
         cfg.init_path = str(Path(cfg.init_path).resolve())
     if cfg.testing.pid_dir:
         cfg.testing.pid_dir = str(Path(cfg.testing.pid_dir).resolve())
-    importing = _import_in_background(DRIVER_IMPORTS)
     plan = validate(cfg, resume)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     marks["validated"] = time.time()
-    train_env = _start_ray(cfg)
+    importing = _import_in_background(DRIVER_IMPORTS)
+    try:
+        train_env = _start_ray(cfg)
+    finally:
+        importing.join()  # also on an error: no import left running while the interpreter exits
     marks["ray_ready"] = time.time()
-    importing.join()
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
