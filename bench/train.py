@@ -11,6 +11,11 @@
     .venv/bin/python bench/train.py c [--repeats 3]         # (c) wall time to val loss <= 1.88 through Ray
                                                             #     (train-shakespeare-char-fast.yaml [key=value ...])
     .venv/bin/python bench/train.py sweep                   # plain-loop variants: what helps on this CPU
+    .venv/bin/python bench/train.py overhead [--repeats 5] [--compile]
+                                                            # fixed overhead of `raygpt train` per phase, medians
+    .venv/bin/python bench/train.py cold --nanogpt DIR [--repeats 3] [--fast] [key=value ...]
+                                                            # whole cold processes vs nanoGPT's README command
+                                                            # (bench/train_startup.py)
     .venv/bin/python bench/train.py stream [--rounds 12 --iters 25] [--synthetic ROWS]
                                                             # tokens/s of one training loop fed by streamed vs
                                                             # in-RAM input, turn by turn (goal: >= 0.97x)
@@ -53,6 +58,9 @@ PREP = REPO / "jobs" / "configs" / "prep-shakespeare-char.yaml"
 RUNS = REPO / "runs" / "bench" / "train"
 RECIPE = REPO / "jobs" / "configs" / "train-shakespeare-char.yaml"
 FAST = REPO / "jobs" / "configs" / "train-shakespeare-char-fast.yaml"
+# the steady-state modes (a, a-sliced, b, b-sliced) run the recipe compiled, as BENCHMARKS.md (a)/(b) measured it:
+# the recipe file itself runs eager (a cold compile costs more than it saves in one 2000-step run)
+STEADY = ["compile=true"]
 sys.path.insert(0, str(REPO))
 
 
@@ -168,9 +176,8 @@ def plain_loop(iters: int = 2000, *, bf16: bool = False, fused: bool = False, co
 # ---- nanoGPT's own train.py (optional peer) ------------------------------------------------------
 
 
-def nanogpt_run(root: Path, iters: int) -> dict:
-    """nanoGPT's README CPU command, `iters` iterations, no eval: median ms/iter from its `iter N: ... time Xms` lines."""
-    import re
+def nanogpt_data(root: Path) -> None:
+    """nanoGPT's char-level Shakespeare data in its checkout (its prepare.py, input.txt from ../shared/data)."""
     import shutil
     import subprocess
 
@@ -178,6 +185,14 @@ def nanogpt_run(root: Path, iters: int) -> dict:
     if not (d / "train.bin").is_file():
         shutil.copyfile(SHARED / "tinyshakespeare" / "input.txt", d / "input.txt")  # so prepare.py needs no download
         subprocess.run([sys.executable, "prepare.py"], cwd=d, check=True, capture_output=True)
+
+
+def nanogpt_run(root: Path, iters: int) -> dict:
+    """nanoGPT's README CPU command, `iters` iterations, no eval: median ms/iter from its `iter N: ... time Xms` lines."""
+    import re
+    import subprocess
+
+    nanogpt_data(root)
     cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
            "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
            "--n_embd=128", f"--max_iters={iters}", "--lr_decay_iters=2000", "--dropout=0.0",
@@ -245,7 +260,8 @@ def bench_a(repeats: int, iters: int, nanogpt: Path | None = None) -> dict:
                                    "raygpt-1t": []}
     if nanogpt:
         runs["nanogpt"] = []
-    common = [f"max_steps={iters}", f"optim.decay_steps={max(iters, 200)}", f"eval_interval={iters}", "ckpt_interval=0"]
+    common = [f"max_steps={iters}", f"optim.decay_steps={max(iters, 200)}", f"eval_interval={iters}", "ckpt_interval=0",
+              *STEADY]
     for i in range(repeats):
         if nanogpt:
             runs["nanogpt"].append(nanogpt_run(nanogpt, iters))
@@ -289,7 +305,7 @@ def bench_b(repeats: int, iters: int) -> dict:
     2 threads; and 1 thread as a second peer), same global batch of 12, same 2 cores."""
     ray_init()
     runs: dict[str, list[dict]] = {"one-2t": [], "one-1t": [], "two-zero2": []}
-    common = [f"max_steps={iters}", f"optim.decay_steps={max(iters, 200)}", "eval_interval=0", "ckpt_interval=0"]
+    common = [f"max_steps={iters}", f"optim.decay_steps={max(iters, 200)}", "eval_interval=0", "ckpt_interval=0", *STEADY]
     for i in range(repeats):
         runs["one-2t"].append(raygpt_run(f"b1-{i}", common + ["torch_threads=2"]))
         runs["two-zero2"].append(raygpt_run(f"b2-{i}", common + [
@@ -546,7 +562,8 @@ def bench_a_sliced(nanogpt: Path, rounds: int, window_s: float) -> dict:
 
     n = _steps_needed(rounds, 3, window_s, 0.016)
     out = _sliced([ray_peer, nano, plain], [("a-sliced", [f"max_steps={n}", f"optim.decay_steps={n}",
-                                                          f"eval_interval={n}", "ckpt_interval=0", "log.interval=10"])],
+                                                          f"eval_interval={n}", "ckpt_interval=0", "log.interval=10",
+                                                          *STEADY])],
                   rounds, window_s, start)
     res = out["raygpt"]["a-sliced"]
     return {"window_s": window_s, "rounds": out["rounds"], "rounds_used": len(out["per_round"]),
@@ -565,7 +582,8 @@ def bench_b_sliced(rounds: int, window_s: float) -> dict:
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(log_to_driver=False, num_cpus=4)
     n = _steps_needed(rounds, 2, window_s, 0.018)
-    common = [f"max_steps={n}", f"optim.decay_steps={n}", f"eval_interval={n}", "ckpt_interval=0", "log.interval=10"]
+    common = [f"max_steps={n}", f"optim.decay_steps={n}", f"eval_interval={n}", "ckpt_interval=0", "log.interval=10",
+              *STEADY]
     one = _Peer("one-2t", RUNS / "b-sliced-one", workers=1)
     two = _Peer("two-zero2", RUNS / "b-sliced-two", workers=2)
     out = _sliced([one, two], [("b-sliced-one", common + ["torch_threads=2"]),
@@ -663,10 +681,29 @@ def bench_stream(rounds: int, turn: int, synthetic: int | None, batch: int = 12,
     return out
 
 
+def startup_bench(a, ap) -> None:
+    """`overhead` and `cold` (bench/train_startup.py): whole processes, load average at start and end recorded."""
+    import train_startup
+    from common import print_conditions, record
+
+    if a.what == "cold" and not a.nanogpt:
+        ap.error("cold needs --nanogpt DIR (a nanoGPT checkout)")
+    start = print_conditions(f"train-{a.what}", threads={"raygpt worker": 2, "nanogpt": 2})
+    if a.what == "overhead":
+        out = train_startup.overhead(DATA, a.repeats, a.compile)
+    else:
+        nanogpt_data(a.nanogpt)
+        out = train_startup.cold(DATA, a.nanogpt.resolve(), a.repeats, a.overrides, a.fast)
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=2, default=str))
+    RUNS.mkdir(parents=True, exist_ok=True)
+    (RUNS / f"result-{a.what}.json").write_text(json.dumps(out, indent=2, default=str))
+    record(f"train-{a.what}", {k: v for k, v in out.items() if k != "runs"}, start)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", nargs="?", choices=("a", "a-sliced", "full", "b", "b-sliced", "c", "sweep", "stream",
-                                                 "_plain-steps"),
+                                                 "overhead", "cold", "_plain-steps"),
                     default=None)
     ap.add_argument("--rounds", type=int, default=12, help="(a-sliced) turns each peer gets")
     ap.add_argument("--window", type=float, default=2.0, help="(a-sliced) seconds per turn")
@@ -675,6 +712,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--nanogpt", type=Path, default=None, help="(a) a nanoGPT checkout to run side by side")
     ap.add_argument("--synthetic", type=int, default=None, help="(stream) ROWS random rows instead of Shakespeare")
+    ap.add_argument("--compile", action="store_true", help="(overhead) compile on, empty inductor cache")
+    ap.add_argument("--fast", action="store_true", help="(cold) also the fast recipe, cold")
     ap.add_argument("overrides", nargs="*", help="(c) TrainConfig overrides, e.g. optim.lr=2e-3 max_steps=1200")
     a = ap.parse_intermixed_args()
     if not (a.what == "stream" and a.synthetic):
@@ -685,6 +724,9 @@ def main() -> None:
     if a.what == "_plain-steps":  # the plain fp32 loop as a peer process of a-sliced: one line per step
         plain_loop(10 ** 6, eval_interval=0,
                    on_step=lambda it, dt: print(f"iter {it}: time {dt * 1e3:.3f}ms", flush=True))
+        return
+    if a.what in ("overhead", "cold"):
+        startup_bench(a, ap)
         return
     t0 = time.time()
     if a.what == "a-sliced":

@@ -137,11 +137,18 @@ def _skip_shm_build() -> None:
     ds_torch.build_shm_op = lambda: None
 
 
-def build_engine(cfg: TrainConfig, model, world_size: int):
-    """deepspeed.initialize on the already-initialised process group -> (engine, optimizer)."""
+def import_deepspeed(cfg: TrainConfig):
+    """`import deepspeed` with the accelerator this run uses (DS_ACCELERATOR=cpu before the import on CPU)."""
     if not cfg.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
+
+    return deepspeed
+
+
+def build_engine(cfg: TrainConfig, model, world_size: int):
+    """deepspeed.initialize on the already-initialised process group -> (engine, optimizer)."""
+    deepspeed = import_deepspeed(cfg)
     import torch
 
     _skip_shm_build()

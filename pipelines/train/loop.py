@@ -70,13 +70,19 @@ def _train(w: wk.WorkerState, ctx) -> None:
     w.t_last = time.perf_counter()
     for step in range(w.start_step, cfg.max_steps):
         done = wk.train_step(w, step)
+        if step == w.start_step:
+            w.timeline["first_step_done"] = time.time()
+        if done == cfg.max_steps:
+            w.timeline["last_step_done"] = time.time()
         t_aside = time.perf_counter()  # evaluations, checkpoints and throttling do not count as step time
         metrics = wk.maybe_evaluate(w, done, is_last=done == cfg.max_steps)
         if wk.checkpoint_due(cfg, done):
             wk.flush(w)
             if "val_loss" not in metrics and w.last_val is not None:
                 metrics["val_loss"] = w.last_val  # the latest evaluation, for checkpoint scoring
+            t_ckpt = time.perf_counter()
             _save(w, ctx, done, metrics)
+            w.ckpt_s += time.perf_counter() - t_ckpt
         if cfg.testing.throttle_s:  # a test hook (failure drills)
             time.sleep(cfg.testing.throttle_s)
         w.t_last += time.perf_counter() - t_aside

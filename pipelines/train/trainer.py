@@ -34,6 +34,7 @@ from pipelines.train.data import check_compatible, open_dataset
 from pipelines.train.deepspeed import cpu_bf16_ok, ds_config
 from pipelines.train.loop import train_loop_per_worker
 from pipelines.train.metrics import plot_loss_curve, read_metrics
+from pipelines.train.phases import MARKS, phase_seconds, process_start
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
@@ -41,6 +42,15 @@ SUMMARY_FILE = "summary.json"
 # poll the workers every 0.5 s instead of 2 s (a checkpoint is committed, a failure noticed and the end of
 # the run seen that much sooner), and give a worker group 10 min instead of 60 s to start on a busy machine
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+# ... and, only when this run starts its own local Ray (one machine: no node is ever drained or preempted),
+# no preemption watcher: one actor process less (~1.4 CPU-s of imports) while the worker group starts
+LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Ray settings for a local Ray this run starts: no pre-started worker processes for the driver's job.
+# Ray Train's controller carries its own runtime env and every actor it creates inherits it, so none of
+# them can use a pre-started worker: the pool (one process per CPU) only competed for the CPU at start-up
+LOCAL_RAY_ENV = {"RAY_prestart_worker_first_driver": "0"}
+# imported on a background thread while the driver validates and starts Ray (torch alone is ~1.5 s)
+DRIVER_IMPORTS = ("ray.train", "ray.train.torch")
 
 
 class TrainError(UserError, RuntimeError):
@@ -206,9 +216,48 @@ def _warn_without_dashboard() -> None:
                       RuntimeWarning, stacklevel=3)
 
 
+def _import_in_background(modules: tuple[str, ...]):
+    """Start importing `modules` on a daemon thread -> the thread (join it before using them). An import
+    error is left for the main thread's own import of the same module to raise."""
+    import importlib
+    import threading
+
+    def work() -> None:
+        for m in modules:
+            try:
+                importlib.import_module(m)
+            except Exception:
+                return
+
+    t = threading.Thread(target=work, name="raygpt-train-imports", daemon=True)
+    t.start()
+    return t
+
+
+def _start_ray(cfg: TrainConfig) -> dict[str, str]:
+    """Start (a local Ray, with LOCAL_RAY_ENV) or join Ray -> the Ray Train settings for the controller."""
+    import ray
+
+    if not _ray_compat.train_v2_enabled():
+        raise ConfigError("raygpt train runs on Ray Train V2 (checkpoint commit, restart semantics); unset "
+                          "RAY_TRAIN_V2_ENABLED or set it to 1")
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        ensure_ray(None)
+        return dict(RAY_TRAIN_ENV)
+    added = {k: v for k, v in LOCAL_RAY_ENV.items() if k not in os.environ}
+    os.environ.update(added)  # read by the raylet this call starts
+    try:
+        ensure_ray(None)
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+    return {**RAY_TRAIN_ENV, **LOCAL_RAY_TRAIN_ENV}
+
+
 def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResult:
     """Train (or continue training) a model as configured; returns where the results are."""
     t0 = time.time()
+    marks = {"process_start": process_start(), "run_start": t0}
     if resume is not None:
         cfg.run_dir = str(resume)
     # absolute paths: Ray workers do not share the driver's working directory
@@ -222,15 +271,18 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
     plan = validate(cfg, resume)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    marks["validated"] = time.time()
+    importing = _import_in_background(DRIVER_IMPORTS)
+    try:
+        train_env = _start_ray(cfg)
+    finally:
+        importing.join()  # also on an error: no import left running while the interpreter exits
+    marks["ray_ready"] = time.time()
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-
-    if not _ray_compat.train_v2_enabled():
-        raise ConfigError("raygpt train runs on Ray Train V2 (checkpoint commit, restart semantics); unset "
-                          "RAY_TRAIN_V2_ENABLED or set it to 1")
-    ensure_ray(None)
+    marks["ray_imported"] = time.time()
     _check_resources(cfg)
     _warn_without_dashboard()
 
@@ -257,8 +309,9 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last_k),
             logging_config=LoggingConfig(log_level=console.library_level_name())),
     )
-    added = {k: v for k, v in RAY_TRAIN_ENV.items() if k not in os.environ}
+    added = {k: v for k, v in train_env.items() if k not in os.environ}
     os.environ.update(added)
+    marks["fit_start"] = time.time()
     try:
         result = trainer.fit()
     except Exception as e:
@@ -266,13 +319,28 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
     finally:
         for k in added:
             os.environ.pop(k, None)
+    marks["fit_end"] = time.time()
     if getattr(result, "error", None):
         raise TrainError(f"training run {run_dir} failed: {result.error}")
 
-    return _summarize(cfg, plan, result, t0)
+    return _summarize(cfg, plan, result, t0, marks)
 
 
-def _summarize(cfg: TrainConfig, plan: Plan, result, t0: float) -> TrainResult:
+def _phases(run_dir: Path, marks: dict[str, float], wall_s: float) -> dict[str, Any]:
+    """The driver's marks joined with rank 0's (its last "timeline" event) -> summary.json's phase keys."""
+    tl = [r for r in read_metrics(run_dir, "event") if r.get("event") == "timeline"]
+    last = tl[-1] if tl else {}
+    marks = {**{k: last[k] for k, _ in MARKS if isinstance(last.get(k), (int, float))}, **marks}
+    out: dict[str, Any] = {"phase_seconds": phase_seconds(marks), "phase_marks": marks,
+                           "compile": last.get("compile")}
+    for key, name in (("eval_s", "eval"), ("ckpt_s", "checkpoint")):
+        if isinstance(last.get(key), (int, float)):
+            out[f"{name}_seconds"] = last[key]
+            out[f"{name}_share"] = round(last[key] / wall_s, 4) if wall_s > 0 else None
+    return out
+
+
+def _summarize(cfg: TrainConfig, plan: Plan, result, t0: float, marks: dict[str, float]) -> TrainResult:
     """The loss-curve PNG and RUN_DIR/summary.json of a finished run -> what run() returns."""
 
     run_dir = Path(cfg.run_dir)
@@ -298,6 +366,8 @@ def _summarize(cfg: TrainConfig, plan: Plan, result, t0: float) -> TrainResult:
         "last_checkpoint": str(out.last_checkpoint), "best_checkpoint": str(out.best_checkpoint or ""),
         "ray_checkpoint": str(ray_ckpt or ""), "loss_curve": str(plot or ""),
     }
+    marks["summary_done"] = time.time()
+    summary.update(_phases(run_dir, marks, marks["summary_done"] - marks["process_start"]))
     out.extra = summary
     st.write_json(run_dir / SUMMARY_FILE, summary)
     return out

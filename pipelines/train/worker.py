@@ -159,6 +159,8 @@ class WorkerState:
     flops_per_token: float = 0.0
     t_last: float = 0.0  # perf_counter at the end of the previous step
     pending: list = field(default_factory=list)  # (step, loss tensor, gnorm, lr, seconds) not logged yet
+    eval_s: float = 0.0  # wall seconds spent in evaluations (this attempt)
+    ckpt_s: float = 0.0  # wall seconds the step loop spent on checkpoints (this attempt)
 
     @property
     def tokens_per_step(self) -> int:
@@ -211,6 +213,8 @@ def setup_worker(payload: dict[str, Any], rank: int, world: int, local_rank: int
         record_pid(cfg.testing.pid_dir, rank)
     timeline = {"driver_start": payload.get("driver_start"), "worker_start": time.time()}
     device = _process_setup(cfg, local_rank)
+    dsmod.import_deepspeed(cfg)  # here rather than in build_engine: its import time is a phase of its own
+    timeline["imports_done"] = time.time()
 
     ds = open_dataset(cfg.data)
     stream = TrainStream(ds.split_rows("train"), seed=cfg.seed, micro_batch=cfg.batch.micro_batch_size,
@@ -219,8 +223,9 @@ def setup_worker(payload: dict[str, Any], rank: int, world: int, local_rank: int
     if has_val(ds.manifest):
         evalset = EvalSet(ds.split_rows("val"), seed=cfg.seed, micro_batch=cfg.batch.micro_batch_size,
                           iters=cfg.eval_iters, world=world, rank=rank, doc_mask=cfg.doc_mask)
-
+    timeline["data_ready"] = time.time()
     model = build_model(cfg, model_cfg, payload.get("init_checkpoint"))
+    timeline["model_ready"] = time.time()
     torch.manual_seed(cfg.seed + 1 + rank)  # dropout differs per rank, deterministically
     engine, optimizer = dsmod.build_engine(cfg, model, world)
     if cfg.compile:
@@ -279,6 +284,7 @@ def open_metrics(w: WorkerState, resumed: bool) -> None:
         w.peak = cfg.log.peak_flops or peak_flops(torch.get_num_threads(), dt, "cuda" if cfg.use_gpu else "cpu",
                                                   cfg.log.peak_flops_cache)
     w.flops_per_token = w.engine.module.flops_per_token(w.block_size)
+    w.timeline["loop_ready"] = time.time()
 
 
 def evaluate(w: WorkerState) -> float:
@@ -307,7 +313,9 @@ def maybe_evaluate(w: WorkerState, done: int, is_last: bool) -> dict[str, Any]:
     metrics: dict[str, Any] = {"step": done}
     if w.evalset is not None and (is_last or (cfg.eval_interval and done % cfg.eval_interval == 0)):
         flush(w)
+        t0 = time.perf_counter()
         w.last_val = evaluate(w)
+        w.eval_s += time.perf_counter() - t0
         metrics.update(val_loss=w.last_val, val_ppl=math.exp(min(w.last_val, 50)))
         if w.rank == 0:
             w.log.eval(done, {"val_loss": w.last_val, "val_ppl": metrics["val_ppl"]})
@@ -452,5 +460,9 @@ def finish(w: WorkerState) -> None:
     rss = w.dist.all_gather_object(peak_rss_mb())
     if w.rank == 0:
         st.write_json(w.run_dir / WORKERS_DIR / "peak_rss_mb.json", {f"rank_{r}": v for r, v in enumerate(rss)})
+        w.timeline["worker_done"] = time.time()
+        # every mark of this attempt (pipelines/train/phases.py) and the time evaluations and checkpoints took
+        w.log.event(w.cfg.max_steps, "timeline", **w.timeline, eval_s=round(w.eval_s, 3), ckpt_s=round(w.ckpt_s, 3),
+                    compile=w.cfg.compile)
         w.log.event(w.cfg.max_steps, "finished")
         w.log.close()
