@@ -48,6 +48,7 @@ The report is out/report/report.md; the last lines of the output say where every
 """
 
 SUMMARY_PROMPT = "{article}\n\nSummary: "
+PROMPT_NOTE = "Prompt: the docstring's body, then `Summary: `; lead-1 is the body's first sentence."
 ARTICLE_PROMPT = "{title}\n\n"
 
 
@@ -71,6 +72,7 @@ class DemoConfig:
     max_new_tokens: int = 40
     generate_limit: int = 64  # held-out summaries to generate
     articles: int = 4  # articles from titles to generate
+    article_samples: int = 8  # samples per title; the report shows the most likely one
     serve: bool = True  # start the endpoint and ask it one question
     overwrite: bool = False  # rebuild stages whose outputs exist
     seed: int = 1337
@@ -78,7 +80,8 @@ class DemoConfig:
     def __post_init__(self) -> None:
         errs = []
         for f in ("vocab_size", "block_size", "pretrain_steps", "sft_steps", "micro_batch_size", "num_workers",
-                  "max_new_tokens", "generate_limit"):
+                  "max_new_tokens", "generate_limit",
+                  "article_samples"):
             if getattr(self, f) < 1:
                 errs.append(f"{f}: must be >= 1, got {getattr(self, f)!r}")
         if self.vocab_size < 300:
@@ -197,7 +200,7 @@ def _train(cfg: DemoConfig, name: str, data: Path, run_dir: Path, steps: int, in
         r = json.loads(done.read_text())
         if Path(r["last_checkpoint"]).is_dir():
             _say(name, f"reusing the finished run in {run_dir} (overwrite=true to retrain)")
-            return r
+            return {**r, "reused": True}
     if run_dir.exists():
         shutil.rmtree(run_dir)
     tc = from_dict(TrainConfig, {
@@ -232,18 +235,22 @@ def _generate(cfg: DemoConfig, sft_ckpt: str, base_ckpt: str, corpus: Path, gen:
     from pipelines.generate.pipeline import run as gen_run
 
     out = {}
-    jobs = {
-        "summaries": dict(input=str(corpus / "summaries-heldout.jsonl"), task="summarize", template=SUMMARY_PROMPT,
-                          limit=cfg.generate_limit, keep_columns=["summary"],
-                          sampling={"max_new_tokens": cfg.max_new_tokens, "temperature": 0.0,
-                                    "no_repeat_ngram_size": 3, "stop": ["\n"], "truncate": "left"}),
-        "articles": dict(input=str(corpus / "titles-heldout.jsonl"), task="article", template=ARTICLE_PROMPT,
-                         limit=cfg.articles, keep_columns=["title"],
-                         sampling={"max_new_tokens": 3 * cfg.max_new_tokens, "temperature": 0.8, "top_p": 0.95,
-                                   "repetition_penalty": 1.1, "truncate": "left"}),
+    summarize = dict(input=str(corpus / "summaries-heldout.jsonl"), task="summarize", template=SUMMARY_PROMPT,
+                     limit=cfg.generate_limit, keep_columns=["summary"],
+                     sampling={"max_new_tokens": cfg.max_new_tokens, "temperature": 0.0,
+                               "no_repeat_ngram_size": 3, "stop": ["\n"], "truncate": "left"})
+    jobs = {  # name -> (checkpoint, job)
+        "summaries": (sft_ckpt, summarize),
+        # the same prompts through the model before SFT: what fine-tuning added
+        "summaries-pretrained": (base_ckpt, summarize),
+        # n samples per title; the report shows the most likely one by the model's own likelihood
+        "articles": (base_ckpt, dict(input=str(corpus / "titles-heldout.jsonl"), task="article",
+                                     template=ARTICLE_PROMPT, limit=cfg.articles, keep_columns=["title"],
+                                     sampling={"max_new_tokens": 3 * cfg.max_new_tokens, "temperature": 0.8,
+                                               "top_p": 0.95, "repetition_penalty": 1.1, "truncate": "left",
+                                               "n": cfg.article_samples})),
     }
-    for name, job in jobs.items():
-        ckpt = sft_ckpt if name == "summaries" else base_ckpt
+    for name, (ckpt, job) in jobs.items():
         gc = from_dict(GenerateConfig, {"checkpoint": ckpt, "output": str(gen / name), "batch_size": 16,
                                         "overwrite": True, "seed": cfg.seed, "progress": True, **job})
         _say("generate", f"{name}: {job['input']} -> {gc.output}")
@@ -291,104 +298,53 @@ def _serve_once(ckpt: str, max_tokens: int) -> dict[str, Any]:
     return result
 
 
-# ---- report -----------------------------------------------------------------------------------
-
-def _report(cfg: DemoConfig, out: Path, info: dict[str, Any]) -> Path:
-    from pipelines.generate.eval import evaluate_summaries, load_generated, load_references, markdown_table
-
-    rep = out / "report"
-    rep.mkdir(parents=True, exist_ok=True)
-    # PNGs next to the report so it renders anywhere
-    pics = {}
-    for label, src in (("data_doc_lengths", out / "data/pretrain/doc_lengths.png"),
-                       ("data_drops", out / "data/pretrain/drops.png"),
-                       ("loss_pretrain", Path(info["pretrain"]["run_dir"]) / "loss_curve.png"),
-                       ("loss_sft", Path(info["sft"]["run_dir"]) / "loss_curve.png")):
-        if src.exists():
-            shutil.copyfile(src, rep / f"{label}.png")
-            pics[label] = f"{label}.png"
-    gen, _ = load_generated(str(out / "generate/summaries"))
-    refs = load_references(str(info["corpus"]["dir"]) + "/summaries-heldout.jsonl")
-    refs = {k: v for k, v in refs.items() if k in gen}
-    rouge = evaluate_summaries(gen, refs, name="raygpt (SFT)", lead=1)
-    rouge_md = markdown_table({"stdlib docstrings (held out)": rouge})
-    _rouge_png(rouge, rep / "rouge.png")
-    samples = []
-    for k in sorted(gen)[:5]:
-        samples.append(f"| `{k}` | {_cell(refs[k]['article'], 160)} | {_cell(refs[k]['references'][0])} | "
-                       f"{_cell(gen[k])} |")
-    arts, _ = load_generated(str(out / "generate/articles"))
-    m = info["data_pretrain"]
-    lines = [
-        "# raygpt demo report", "",
-        f"Corpus: {info['corpus'].get('source') or 'Python ' + info['corpus'].get('python', '') + ' standard-library documentation'}"
-        f" ({info['corpus']['docs']} documents). Wall time {info['wall_s']:.0f} s.", "",
-        "## Data", "",
-        f"Pretraining set `{m.get('root')}`: tokenizer `{str(m.get('tokenizer_id'))[:12]}` "
-        f"(vocab {m.get('vocab_size')}), train tokens {m['splits']['train']['tokens']:,}, "
-        f"val tokens {m['splits'].get('val', {}).get('tokens', 0):,}. Data card: `{m.get('root')}/data_card.md`.", "",
-    ]
-    lines += [f"![{k}]({v})" for k, v in pics.items() if k.startswith("data")]
-    lines += ["", "## Training", "",
-              "| run | steps | final train loss | final val loss | wall s |", "| --- | ---: | ---: | ---: | ---: |"]
-    for k in ("pretrain", "sft"):
-        r = info[k]
-        lines.append(f"| {k} | {r['steps']} | {_num(r['final_loss'])} | {_num(r['final_val_loss'])} | {r['wall_s']:.0f} |")
-    lines += [""] + [f"![{k}]({v})" for k, v in pics.items() if k.startswith("loss")]
-    lines += ["", "## Summaries of held-out docstrings (ROUGE F1 x100)", "", rouge_md, "", "![rouge](rouge.png)", "",
-              "| id | article (start) | reference | generated |", "| --- | --- | --- | --- |", *samples, "",
-              "## Articles from titles", ""]
-    for k in sorted(arts)[: cfg.articles]:
-        lines += [f"**{k}**", "", "> " + _cell(arts[k], 600), ""]
-    if info.get("serve"):
-        s = info["serve"]
-        lines += ["## Serve", "", f"`POST {s['url']}/completions` answered: `{_cell(s['completion'])}` "
-                  f"(usage {s['usage']}).", ""]
-    lines += ["## Artefacts", ""] + [f"- {k}: `{v}`" for k, v in info["artefacts"].items()]
-    (rep / "report.md").write_text("\n".join(lines) + "\n")
-    info["rouge"] = rouge
-    return rep / "report.md"
-
-
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-def _cell(s: str, n: int = 120) -> str:
-    s = " ".join(str(s).split()).replace("|", "\\|")
-    return s if len(s) <= n else s[: n - 1] + "…"
-
-
-def _rouge_png(rouge: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    systems = list(rouge["systems"])
-    metrics = ["rouge1", "rouge2", "rougeL"]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    w = 0.8 / max(len(systems), 1)
-    for i, s in enumerate(systems):
-        ax.bar([j + i * w for j in range(3)], [rouge["systems"][s][m] for m in metrics], width=w, label=s)
-    ax.set_xticks([j + w * (len(systems) - 1) / 2 for j in range(3)], ["ROUGE-1", "ROUGE-2", "ROUGE-L"])
-    ax.set_ylabel("F1 x100")
-    ax.set_title(f"held-out summaries (n={rouge['n']})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ---- run --------------------------------------------------------------------------------------
 
+def _train_phases(name: str, run_dir: Path, wall_s: float) -> dict[str, float]:
+    """Split a training run's wall time (from its metrics.jsonl) into start-up, steps and the rest."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    ready = next((r for r in rows if r.get("event") == "worker_ready"), None)
+    steps = sum(r.get("step_time_s", 0.0) for r in rows if r.get("kind") == "train")
+    start = (ready["time"] - ready["driver_start"]) if ready and "driver_start" in ready else 0.0
+    return {f"{name}: start-up (Ray Train workers, DeepSpeed)": start, f"{name}: optimizer steps": steps,
+            f"{name}: evaluation, checkpoints, shutdown": max(0.0, wall_s - start - steps)}
+
+
+def _stages(cfg: DemoConfig, out: Path, info: dict[str, Any], timings: dict[str, float]) -> None:
+    """Every stage after the corpus, in order, each timed into `timings`."""
+    corpus = Path(info["corpus"]["dir"])
+    t = time.time()
+    info["data_pretrain"], info["data_sft"] = _prep(cfg, corpus, out / "data")
+    timings["Ray start + prep (Ray Data)"] = time.time() - t
+    for name, steps, init in (("pretrain", cfg.pretrain_steps, None), ("sft", cfg.sft_steps, "pretrain")):
+        t = time.time()
+        info[name] = _train(cfg, name, out / f"data/{name if name == 'sft' else 'pretrain'}", out / f"train/{name}",
+                            steps, Path(info[init]["last_checkpoint"]) if init else None)
+        if info[name].get("reused"):
+            timings[f"{name}: reused"] = time.time() - t
+        else:
+            timings.update(_train_phases(name, out / f"train/{name}", time.time() - t))
+    t = time.time()
+    info["generate"] = _generate(cfg, info["sft"]["last_checkpoint"], info["pretrain"]["last_checkpoint"], corpus,
+                                 out / "generate")
+    timings["batch generation (Ray Data)"] = time.time() - t
+    if cfg.serve:
+        t = time.time()
+        _say("serve", "starting the OpenAI-compatible endpoint on 127.0.0.1 and asking one question")
+        info["serve"] = _serve_once(info["sft"]["last_checkpoint"], min(24, cfg.max_new_tokens))
+        _say("serve", f"answer: {info['serve']['completion']!r}; endpoint stopped")
+        timings["Serve: start, one request, stop"] = time.time() - t
+
+
 def run(cfg: DemoConfig) -> dict[str, Any]:
+    from pipelines.demo_report import write_report
     from pipelines.runtime import ensure_ray
 
     t0 = time.time()
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {}
+    timings: dict[str, float] = {}
     _say("corpus", "building" + (f" from {cfg.corpus}" if cfg.corpus else
                                  " the embedded default: the Python standard library's documentation"))
     if cfg.corpus:
@@ -399,21 +355,12 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         info["corpus"] = build(out / "corpus")
     _say("corpus", f"{info['corpus']['docs']} documents, {info['corpus']['summary_pairs_train']} summary pairs "
                    f"for SFT, {info['corpus']['summary_pairs_heldout']} held out")
-    corpus = Path(info["corpus"]["dir"])
+    timings["corpus"] = time.time() - t0
     ensure_ray("local")
-    info["data_pretrain"], info["data_sft"] = _prep(cfg, corpus, out / "data")
-    info["pretrain"] = _train(cfg, "pretrain", out / "data/pretrain", out / "train/pretrain", cfg.pretrain_steps, None)
-    info["sft"] = _train(cfg, "sft", out / "data/sft", out / "train/sft", cfg.sft_steps,
-                         Path(info["pretrain"]["last_checkpoint"]))
-    info["generate"] = _generate(cfg, info["sft"]["last_checkpoint"], info["pretrain"]["last_checkpoint"], corpus,
-                                 out / "generate")
-    if cfg.serve:
-        _say("serve", "starting the OpenAI-compatible endpoint on 127.0.0.1 and asking one question")
-        info["serve"] = _serve_once(info["sft"]["last_checkpoint"], min(24, cfg.max_new_tokens))
-        _say("serve", f"answer: {info['serve']['completion']!r}; endpoint stopped")
+    _stages(cfg, out, info, timings)
     info["wall_s"] = time.time() - t0
     info["artefacts"] = {
-        "corpus": str(corpus),
+        "corpus": info["corpus"]["dir"],
         "pretraining data (+ data card)": str(out / "data/pretrain"),
         "SFT data": str(out / "data/sft"),
         "pretrained checkpoint": info["pretrain"]["last_checkpoint"],
@@ -423,7 +370,10 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         "generated articles": str(out / "generate/articles"),
         "report": str(out / "report/report.md"),
     }
-    report = _report(cfg, out, info)
+    info["timings"] = timings
+    t = time.time()
+    report = write_report(out, info, articles=cfg.articles, prompt_note=PROMPT_NOTE)
+    timings["report (ROUGE, best-of-n, plots)"] = time.time() - t
     (out / "demo_result.json").write_text(json.dumps(
         {k: v for k, v in info.items() if k not in ("data_pretrain", "data_sft")}, indent=2, default=str))
     print(f"\nraygpt demo finished in {info['wall_s']:.0f} s. Artefacts:")

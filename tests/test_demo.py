@@ -31,7 +31,7 @@ def test_demo_end_to_end(ray_session, tmp_path):
     serve.shutdown()
     cfg = DemoConfig(out=str(tmp_path / "demo"), vocab_size=512, block_size=64, preset="debug",
                      pretrain_steps=6, sft_steps=4, micro_batch_size=4, generate_limit=4, articles=1,
-                     max_new_tokens=8, serve=True)
+                     article_samples=3, max_new_tokens=8, serve=True)
     info = run(cfg)
     out = Path(cfg.out)
     # every stage left its artefact, and the readers accept them
@@ -50,13 +50,22 @@ def test_demo_end_to_end(ray_session, tmp_path):
     assert json.loads((out / "generate/summaries/manifest.json").read_text())
     # ROUGE of the model and of the lead baseline on the same held-out ids
     systems = info["rouge"]["systems"]
-    assert set(systems) == {"raygpt (SFT)", "lead-1"} and info["rouge"]["n"] == 4
+    # ... and of the model before fine-tuning, so the report shows what SFT added
+    assert set(systems) == {"raygpt (pretrained only)", "raygpt (SFT)", "lead-1"} and info["rouge"]["n"] == 4
+    # articles: the most likely of `article_samples` samples per title, by the model's own likelihood
+    best = info["best_articles"]
+    assert len(best) == 1 and all(b["n"] == cfg.article_samples and b["mean_logprob"] < 0 for b in best.values())
+    # where the time went: every stage, training split into start-up / steps / the rest
+    t = info["timings"]
+    assert {"corpus", "pretrain: optimizer steps", "sft: optimizer steps", "batch generation (Ray Data)"} <= set(t)
+    assert all(v >= 0 for v in t.values())
     # the endpoint answered through the official client
     assert info["serve"]["usage"]["prompt_tokens"] > 0
     report = (out / "report/report.md").read_text()
-    for needle in ("## Data", "## Training", "ROUGE", "## Serve", "## Artefacts"):
+    for needle in ("## Data", "## Training", "## Where the time went", "ROUGE", "raygpt (pretrained only)",
+                   "most likely of 3 samples", "## Serve", "## Artefacts"):
         assert needle in report
-    for png in ("loss_pretrain.png", "rouge.png", "data_drops.png"):
+    for png in ("loss_pretrain.png", "rouge.png", "data_drops.png", "time.png"):
         assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a re-run reuses the finished stages instead of retraining
     info2 = run(cfg)
