@@ -72,7 +72,9 @@ class _SplitAcc:
         self.docs = self.tokens = self.loss_tokens = 0
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        cat = (lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt))
+        def cat(xs: list[np.ndarray], dt: type) -> np.ndarray:
+            return np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt)
+
         return cat(self.ids, np.int32), cat(self.lens, np.int64), cat(self.mask, np.int8)
 
 
