@@ -31,6 +31,14 @@ def train_snapshot_filename() -> str:
     return str(CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
 
 
+def train_report_logger_name() -> str:
+    """Name of the logger with which Ray Train V2 logs every `ray.train.report` call at INFO ("Reporting
+    training result N: TrainingReport(...)"): its module's file path, outside the `ray.train` hierarchy."""
+    from ray.train.v2._internal.execution import context
+
+    return str(context.logger.name)
+
+
 def _node() -> Any:
     from ray._private import worker
 

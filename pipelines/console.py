@@ -29,6 +29,8 @@ import sys
 import time
 from typing import Any
 
+from pipelines._ray_compat import train_report_logger_name
+
 LOGGER = "raygpt"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ENV_LEVEL = "RAYGPT_LOG_LEVEL"  # our log level, for workers
@@ -136,7 +138,9 @@ def worker_setup() -> None:
     """In a Ray worker: our logger at the driver's level, the libraries' at theirs (DeepSpeed included)."""
     lvl = _level(os.environ.get(ENV_LEVEL))
     get_logger()
-    for name in LIBRARY_LOGGERS:
+    # Ray Train logs each report (one line per checkpoint: "Reporting training result N: ...") under a logger
+    # named by its file path, outside "ray.train"
+    for name in (*LIBRARY_LOGGERS, train_report_logger_name()):
         logging.getLogger(name).setLevel(library_level(lvl))
 
 

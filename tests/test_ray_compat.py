@@ -30,6 +30,7 @@ def test_offline_accessors():
     assert isinstance(name, str) and name.endswith(".json")
     assert isinstance(rc.serve_haproxy_enabled(), bool)
     assert hasattr(rc.global_state(), "actors")
+    assert rc.train_report_logger_name().endswith("context.py")
 
 
 def test_live_accessors(ray_session):

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines.console import worker_setup
 from pipelines.train import state as st
 from pipelines.train import worker as wk
 from pipelines.train.worker import CHECKPOINT_LOG, build_model, lm_loss  # noqa: F401 - re-exported
@@ -92,6 +93,7 @@ def _train(w: wk.WorkerState, ctx) -> None:
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     import ray.train
 
+    worker_setup()  # library loggers at the driver's level (Ray Train's per-report INFO line included)
     ctx = ray.train.get_context()
     w = wk.setup_worker(payload, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
     resumed = _restore(w, payload)
