@@ -336,7 +336,8 @@ def _phases(run_dir: Path, marks: dict[str, float], wall_s: float) -> dict[str, 
     for key, name in (("eval_s", "eval"), ("ckpt_s", "checkpoint")):
         if isinstance(last.get(key), (int, float)):
             out[f"{name}_seconds"] = last[key]
-            out[f"{name}_share"] = round(last[key] / wall_s, 4) if wall_s > 0 else None
+            # unrounded: a tiny run's evaluation is a few ms of a minute, which 4 decimals would print as 0
+            out[f"{name}_share"] = last[key] / wall_s if wall_s > 0 else None
     return out
 
 
