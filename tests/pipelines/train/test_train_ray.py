@@ -110,7 +110,7 @@ def test_zero2_two_workers_match_one_process(ref_run, reference):
     (1, {}),
     # ZeRO-3 with optimizer AND parameter offload: DeepSpeed's CPUAdam (a JIT-built C++ op, ~90 s the first
     # time on a machine, cached in ~/.cache/torch_extensions) steps the offloaded partitions
-    (3, {"offload_optimizer": True, "offload_params": True}),
+    pytest.param(3, {"offload_optimizer": True, "offload_params": True}, marks=pytest.mark.cpu_adam),
 ])
 def test_zero_stage_two_workers_match_one_process(ray_session, char_data, tmp_path, reference, stage, extra):
     from gptcore.checkpoint import load_checkpoint
