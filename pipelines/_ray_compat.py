@@ -39,6 +39,14 @@ def train_report_logger_name() -> str:
     return str(context.logger.name)
 
 
+def token_auth_logger_name() -> str:
+    """Name of the logger with which `ray.init` announces, at WARNING on every start of a new local Ray, that
+    token auth is on by default (and warns when it is off)."""
+    from ray._private.authentication import authentication_token_setup
+
+    return str(authentication_token_setup.logger.name)
+
+
 def _node() -> Any:
     from ray._private import worker
 

@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from pipelines._ray_compat import train_report_logger_name
+from pipelines._ray_compat import token_auth_logger_name, train_report_logger_name
 
 LOGGER = "raygpt"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -108,8 +108,19 @@ def setup(level: str | int | None = None, quiet: bool = False, stream=None) -> i
     _install_handler(lvl, stream)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(lib)
+    auth = logging.getLogger(token_auth_logger_name())
+    if not any(isinstance(f, _TokenAuthOn) for f in auth.filters):
+        auth.addFilter(_TokenAuthOn())
     logging.captureWarnings(True)
     return lvl
+
+
+class _TokenAuthOn(logging.Filter):
+    """Drops Ray's note that a new local Ray has token auth on (the safe default, worded as a WARNING on every
+    command); its warning that auth is OFF passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled")
 
 
 def _install_handler(level: int, stream) -> None:

@@ -233,3 +233,25 @@ def test_quiet_and_log_level_on_a_real_command(tmp_path):
     assert r.returncode == 0 and r.stderr == "" and r.stdout == "", (r.stdout, r.stderr)
     r = raygpt("--log-level", "nope", "tokenizer", "train", "--input", src, "--out", tok)
     assert r.returncode == 2 and "--log-level" in r.stderr
+
+
+def test_console_drops_rays_token_auth_on_note_but_not_its_auth_off_warning(monkeypatch):
+    """Every new local Ray logs a WARNING that token auth is on (the safe default): noise on every command.
+    The console setup filters that one note; Ray's warning that auth is OFF still reaches the user."""
+    import logging
+
+    from pipelines import _ray_compat as rc
+    from pipelines import console
+
+    for var in (console.ENV_LEVEL, console.ENV_PROGRESS, *console.LIBRARY_ENV):
+        monkeypatch.delenv(var, raising=False)
+    console.setup("INFO")
+    auth = logging.getLogger(rc.token_auth_logger_name())
+
+    def rec(msg: str) -> logging.LogRecord:
+        return logging.LogRecord(auth.name, logging.WARNING, __file__, 1, msg, None, None)
+
+    assert not auth.filter(rec("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=..."))
+    assert auth.filter(rec("Token authentication is disabled for this Ray cluster. Anyone with network ..."))
+    console.setup("INFO")  # idempotent: one filter, not two
+    assert sum(isinstance(f, console._TokenAuthOn) for f in auth.filters) == 1

@@ -31,6 +31,7 @@ def test_offline_accessors():
     assert isinstance(rc.serve_haproxy_enabled(), bool)
     assert hasattr(rc.global_state(), "actors")
     assert rc.train_report_logger_name().endswith("context.py")
+    assert rc.token_auth_logger_name().endswith("authentication_token_setup")
 
 
 def test_live_accessors(ray_session):
