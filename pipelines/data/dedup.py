@@ -4,13 +4,13 @@
     (run by pipelines.data.dedup_stage for the steps `exact_dedup` and `fuzzy_dedup`)
 
 How it runs: the segment before the dedup barrier computes, per alive document, `_xh` (hash of the
-normalized text) and `_sig` (MinHash signature), writes the documents to work Parquet files and emits
-shuffle rows: (key=_xh, doc_id) for exact, (key=LSH band bucket, doc_id) per band for fuzzy, and
-one stats row. ONE Ray Data groupby on a partition of the key (`_part` = key % P) hands each
-partition to `decide_group`, which sorts (key, doc_id) with pyarrow and, vectorised, marks every
+normalized text) and `_sig` (MinHash signature), writes the documents to work Parquet files and the
+shuffle rows to key files: (key=_xh, doc_id) for exact, (key=LSH band bucket, doc_id) per band for fuzzy,
+and one stats row, partitioned by `_part` = key % P (pipelines.data.dedup_shuffle). One Ray task per
+partition hands it to `decide_group`, which sorts (key, doc_id) with pyarrow and, vectorised, marks every
 exact duplicate but the smallest doc_id and emits candidate pairs from buckets holding several
 documents. Candidates are verified (exact Jaccard of the word-n-gram sets, or the signature estimate)
-in the workers, per pair of work files (pipelines.data.dedup_stage runs the barrier; group_decisions /
+in Ray tasks, per pair of work files (pipelines.data.dedup_stage runs the barrier; group_decisions /
 fuzzy_losers here are the small driver-side path the tests compare with), and connected components of
 verified pairs give one survivor per cluster, the smallest doc_id (deterministic, independent of order
 and partitioning). Fuzzy runs among exact survivors.
@@ -226,13 +226,6 @@ _PY_LOWER = bytes(_LOWER.tolist())
 
 
 # ----------------------------------------------------------------------------------------------- decisions
-
-def auto_partitions(input_bytes: int, per_partition: int = 32 << 20, cap: int = 4096) -> int:
-    """Groupby partitions from the input size (decided before the data is seen). A partition's key rows are
-    sorted in one task, so per_partition (input bytes) bounds that task's memory (~1-2x per_partition)
-    whatever the corpus size, up to cap * per_partition of input (128 GB)."""
-    return int(max(1, min(cap, input_bytes // per_partition + 1)))
-
 
 KIND_EXACT, KIND_BAND, KIND_STATS = 0, 1, 2
 

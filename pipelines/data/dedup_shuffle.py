@@ -1,0 +1,259 @@
+"""The dedup barrier's file-based shuffle: key files with one Parquet row group per partition, read by Ray tasks.
+
+    write_key_file(key_rows_table, partitions, path)      # in the segment's worker, next to its work file
+    rows = read_partition(key_files, p)                    # in a task: row group p of every key file
+    for i, result in run_tasks(decide_task, args, limit): ...   # plain Ray tasks, at most `limit` in flight
+
+The segment before a barrier writes, next to each work file, a *key file*: that batch's dedup key rows
+(pipelines.data.dedup.key_rows) sorted by `_part` (key % partitions), then key and doc_id, one row group per
+partition (empty ones included), so a reader of partition p reads only row group p of each file (the
+footer holds the offsets). The barrier (pipelines.data.dedup_stage) then runs plain Ray tasks, never a
+Ray Data groupby: `decide_task` per partition (decide_group: exact losers, LSH candidate pairs; the
+batches' stats rows merged on the way) writes its exact losers partitioned by group of work files and its
+candidate pairs partitioned by bucket of work-file pairs, again one row group per group / bucket;
+`exact_task` per group writes each work file's exact-loser file; `verify_task` per bucket verifies its
+candidates one pair of work files at a time (reading only those two work files) and returns only the
+verified pairs. A task holds one partition, group or bucket, and one pair of work files, at a time: its
+memory is set by the partitions and the batch size, not by the corpus. Every file is written atomically.
+Does not: hash documents (pipelines.data.dedup) or cluster the verified pairs (pipelines.data.dedup_stage).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.data.dedup import KIND_BAND, KIND_EXACT, KIND_STATS, decide_group, losers_path, read_losers, verify_pairs
+from pipelines.data.ledger import merge_stats
+from pipelines.data.step_configs import MAX_DEDUP_PARTITIONS, FuzzyDedupConfig
+from pipelines.runtime import atomic_write_bytes
+
+FILE_ID_BASE = 1_000_000  # work file w<order>-<k>.parquet has id order * FILE_ID_BASE + k
+KEY_BYTES_PER_PARTITION = 8 << 20  # the default partitions hold ~8 MB of key rows each
+KEY_ROW_BYTES = 48  # one key row in Arrow: key, doc_id (~20 chars), kind, file, _part
+DOC_BYTES_GUESS = 2048  # input bytes per document assumed when the partitions are chosen (before reading)
+
+
+def shuffle_dir(stage_dir: str) -> str:
+    """Where a stage's key files and the barrier tasks' outputs go (removed once the barrier is decided)."""
+    return f"{stage_dir}/shuffle"
+
+
+def work_file_name(order: int, k: int) -> str:
+    return f"w{order:06d}-{k:06d}.parquet"
+
+
+def key_file_name(order: int, k: int) -> str:
+    return f"k{order:06d}-{k:06d}.parquet"
+
+
+def work_file_id(order: int, k: int) -> int:
+    return order * FILE_ID_BASE + k
+
+
+def file_id_of(name: str) -> int:
+    """w000003-000001.parquet -> 3000001."""
+    order, k = name.rsplit("/", 1)[-1][1:].split(".")[0].split("-")
+    return work_file_id(int(order), int(k))
+
+
+def file_name_of(fid: int) -> str:
+    return work_file_name(fid // FILE_ID_BASE, fid % FILE_ID_BASE)
+
+
+def auto_partitions(input_bytes: int, key_rows_per_doc: int) -> int:
+    """Dedup partitions from the planned input size, decided before any document is read: ~8 MB of key rows
+    (KEY_ROW_BYTES each, key_rows_per_doc per document of DOC_BYTES_GUESS bytes) per partition, 1..1024."""
+    key_bytes = input_bytes / DOC_BYTES_GUESS * max(1, key_rows_per_doc) * KEY_ROW_BYTES
+    return int(min(MAX_DEDUP_PARTITIONS, max(1, math.ceil(key_bytes / KEY_BYTES_PER_PARTITION))))
+
+
+def _parquet_bytes(writer_fn: Callable[[Any], None], schema: pa.Schema) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, schema, compression="snappy") as w:
+        writer_fn(w)
+    return sink.getvalue().to_pybytes()
+
+
+def write_partitioned(table: pa.Table, col: str, n: int, path: str, sort_keys: Sequence[str] = ()) -> None:
+    """Write `table` to `path` with exactly n row groups: row group p holds the rows whose `col` is p (empty
+    when none), sorted by sort_keys. Atomic: readers see the whole file or none."""
+    part = table.column(col).to_numpy()
+    if part.size and (part.min() < 0 or part.max() >= n):
+        raise ValueError(f"{path}: column {col!r} must be in [0, {n}), got [{part.min()}, {part.max()}]")
+    keys = [(col, "ascending")] + [(k, "ascending") for k in sort_keys]
+    table = table.take(pc.sort_indices(table, sort_keys=keys)) if table.num_rows > 1 else table
+    counts = np.bincount(table.column(col).to_numpy(), minlength=n) if table.num_rows else np.zeros(n, np.int64)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+
+    def write(w) -> None:
+        for p in range(n):
+            c = int(counts[p])
+            w.write_table(table.slice(int(starts[p]), c), row_group_size=max(1, c))
+
+    atomic_write_bytes(path, _parquet_bytes(write, table.schema))
+
+
+def write_key_file(keys: pa.Table, partitions: int, path: str) -> str:
+    """One batch's key rows (with `_part` = key % partitions) -> a key file, one row group per partition."""
+    write_partitioned(keys, "_part", partitions, path, sort_keys=("key", "doc_id"))
+    return path
+
+
+def read_partition(paths: Sequence[str], p: int, columns: Sequence[str] | None = None) -> pa.Table | None:
+    """Row group p of every file (only its pages are read: the footer gives their offsets); None: no files."""
+    tables = [pq.ParquetFile(f).read_row_group(p, columns=list(columns) if columns else None) for f in paths]
+    return pa.concat_tables(tables) if tables else None
+
+
+def spread(ids: np.ndarray, n: int) -> np.ndarray:
+    """A deterministic hash of int64 ids -> [0, n) (work files to groups, pairs of files to buckets)."""
+    x = np.asarray(ids).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(31))) * np.uint64(0x9E3779B97F4A7C15)
+        x ^= x >> np.uint64(29)
+    return (x % np.uint64(max(1, n))).astype(np.int64)
+
+
+def pair_bucket(fa: np.ndarray, fb: np.ndarray, n: int) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return spread(spread(fa, 1 << 62).astype(np.uint64) ^ np.asarray(fb).astype(np.uint64), n)
+
+
+def write_losers(losers_dir: str, name: str, fid: int, ids) -> None:
+    """The sorted losers of one work file (atomic)."""
+    table = pa.table({"doc_id": pa.array(sorted(set(ids)), pa.string())})
+    atomic_write_bytes(losers_path(losers_dir, name, fid), _parquet_bytes(lambda w: w.write_table(table),
+                                                                           table.schema))
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+
+def run_tasks(fn: Callable[..., Any], args: Sequence[tuple], limit: int) -> Iterator[tuple[int, Any]]:
+    """fn(*a) for every a in args as Ray tasks (1 CPU each), at most `limit` in flight; yields (index, result)
+    as they finish. A result is fetched once and its reference dropped at once (the object store frees it)."""
+    import ray
+
+    remote = ray.remote(num_cpus=1)(fn)
+    pending: dict[Any, int] = {}
+    todo = iter(enumerate(args))
+    while True:
+        while len(pending) < max(1, limit):
+            nxt = next(todo, None)
+            if nxt is None:
+                break
+            pending[remote.remote(*nxt[1])] = nxt[0]
+        if not pending:
+            return
+        done, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(done[0])
+        result = ray.get(done[0])
+        del done
+        yield i, result
+
+
+def decide_task(key_files: list[str], p: int, max_bucket: int, n_groups: int, n_buckets: int,
+                out_dir: str) -> dict[str, Any]:
+    """Partition p: row group p of every key file -> decide_group -> exact losers to exact-<p>.parquet (one
+    row group per group of work files), candidate pairs to cand-<p>.parquet (one per bucket of work-file
+    pairs; written when n_buckets > 0). Returns counts and the partition's stats rows merged."""
+    merged: dict[str, Any] = {"steps": {}}
+    n_stats = 0
+    parts = []
+    for f in key_files:
+        t = pq.ParquetFile(f).read_row_group(p)
+        st = t.column("kind").to_numpy() == KIND_STATS
+        if st.any():
+            for js in t.column("doc_id").filter(pa.array(st)).to_pylist():
+                merge_stats(merged, json.loads(js))
+                n_stats += 1
+            t = t.filter(pa.array(~st))
+        parts.append(t)
+    keys = pa.concat_tables(parts) if parts else None
+    del parts
+    dec = decide_group(keys, max_bucket) if keys is not None and keys.num_rows else decide_group(_no_keys())
+    del keys
+    kind = dec.column("kind").to_numpy()
+    ex = dec.filter(pa.array(kind == KIND_EXACT)).select(["a", "fa"])
+    ex = ex.append_column("_g", pa.array(spread(ex.column("fa").to_numpy(), n_groups)))
+    write_partitioned(ex, "_g", n_groups, f"{out_dir}/exact-{p:05d}.parquet", sort_keys=("fa", "a"))
+    cand = dec.filter(pa.array(kind == KIND_BAND)).select(["a", "b", "fa", "fb"])
+    if n_buckets:
+        cand = cand.append_column("_v", pa.array(pair_bucket(cand.column("fa").to_numpy(),
+                                                             cand.column("fb").to_numpy(), n_buckets)))
+        write_partitioned(cand, "_v", n_buckets, f"{out_dir}/cand-{p:05d}.parquet", sort_keys=("fa", "fb", "a", "b"))
+    return {"exact": ex.num_rows, "cand": cand.num_rows, "stats": json.dumps(merged) if n_stats else ""}
+
+
+def _no_keys() -> pa.Table:
+    return pa.table({"key": pa.array([], pa.uint64()), "doc_id": pa.array([], pa.string()),
+                     "kind": pa.array([], pa.int8()), "file": pa.array([], pa.int64())})
+
+
+def _runs(*cols: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of the runs of equal values over sorted columns."""
+    n = cols[0].size
+    if n == 0:
+        return []
+    change = np.zeros(n, dtype=bool)
+    change[0] = True
+    for c in cols:
+        change[1:] |= c[1:] != c[:-1]
+    starts = np.flatnonzero(change)
+    return list(zip(starts.tolist(), np.append(starts[1:], n).tolist()))
+
+
+def exact_task(exact_files: list[str], g: int, losers_dir: str) -> int:
+    """Group g of work files: its exact losers from every partition -> one loser file per work file."""
+    t = read_partition(exact_files, g, ["a", "fa"])
+    if t is None or not t.num_rows:
+        return 0
+    t = t.sort_by([("fa", "ascending"), ("a", "ascending")])
+    fa = t.column("fa").to_numpy()
+    n = 0
+    for s, e in _runs(fa):
+        ids = t.column("a").slice(s, e - s).to_pylist()
+        write_losers(losers_dir, "exact_dedup", int(fa[s]), ids)
+        n += len(set(ids))
+    return n
+
+
+def verify_task(cand_files: list[str], v: int, cfg: FuzzyDedupConfig, stage_dir: str,
+                losers_dir: str) -> tuple[pa.Table, int]:
+    """Bucket v: its candidate pairs from every partition, unique, one pair of work files at a time: pairs
+    with an exact loser left out (its winner has the same buckets), the rest verified (reading only those
+    two work files). Returns the verified pairs (a, b, fa, fb) and the number of candidates checked."""
+    t = read_partition(cand_files, v, ["a", "b", "fa", "fb"])
+    empty = pa.table({"a": pa.array([], pa.string()), "b": pa.array([], pa.string()),
+                      "fa": pa.array([], pa.int64()), "fb": pa.array([], pa.int64())})
+    if t is None or not t.num_rows:
+        return empty, 0
+    t = t.group_by(["fa", "fb", "a", "b"], use_threads=False).aggregate([])
+    t = t.sort_by([("fa", "ascending"), ("fb", "ascending"), ("a", "ascending"), ("b", "ascending")])
+    fa, fb = t.column("fa").to_numpy(), t.column("fb").to_numpy()
+    out, n_cand = [], 0
+    for s, e in _runs(fa, fb):
+        f1, f2 = int(fa[s]), int(fb[s])
+        a = t.column("a").slice(s, e - s).to_pylist()
+        b = t.column("b").slice(s, e - s).to_pylist()
+        gone = set(read_losers(losers_dir, "exact_dedup", f1)) | set(read_losers(losers_dir, "exact_dedup", f2))
+        pairs = [(x, y) for x, y in zip(a, b) if x not in gone and y not in gone]
+        n_cand += len(pairs)
+        if not pairs:
+            continue
+        files = sorted({os.path.join(stage_dir, file_name_of(f1)), os.path.join(stage_dir, file_name_of(f2))})
+        ver = verify_pairs(np.array(pairs, dtype=object).reshape(-1, 2), files, cfg)
+        if len(ver):
+            out.append(pa.table({"a": pa.array(ver[:, 0].tolist(), pa.string()),
+                                 "b": pa.array(ver[:, 1].tolist(), pa.string()),
+                                 "fa": pa.array(np.full(len(ver), f1, np.int64)),
+                                 "fb": pa.array(np.full(len(ver), f2, np.int64))}))
+    return (pa.concat_tables(out) if out else empty), n_cand
