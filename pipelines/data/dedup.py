@@ -396,27 +396,34 @@ def _read_docs(work_files: list[str], ids: set[str], columns: list[str]) -> dict
     return out
 
 
+def doc_sets(work_files: list[str], ids: set[str], cfg: FuzzyDedupConfig) -> dict[str, np.ndarray]:
+    """What verification compares, per document id: its MinHash signature (verify=signature) or its sorted
+    unique word-n-gram hashes (verify=exact), read from the work files."""
+    if not ids:
+        return {}
+    if cfg.verify == "signature":
+        return {i: np.asarray(r["_sig"]) for i, r in _read_docs(work_files, ids, ["_sig"]).items()}
+    rows = _read_docs(work_files, ids, ["text"])
+    order = sorted(rows)
+    gh, goff = word_ngram_hashes([rows[i]["text"] for i in order], cfg.ngram_size)
+    return {i: np.unique(gh[goff[k]:goff[k + 1]]) for k, i in enumerate(order)}
+
+
+def similar(sa: np.ndarray, sb: np.ndarray, cfg: FuzzyDedupConfig) -> bool:
+    """Two documents' doc_sets: signature agreement, or exact Jaccard of the shingle sets, >= threshold."""
+    if cfg.verify == "signature":
+        return float(np.mean(sa == sb)) >= cfg.threshold
+    inter = np.intersect1d(sa, sb, assume_unique=True).size
+    union = sa.size + sb.size - inter
+    return union > 0 and inter / union >= cfg.threshold
+
+
 def verify_pairs(pairs: np.ndarray, work_files: list[str], cfg: FuzzyDedupConfig) -> np.ndarray:
     """Keep candidate pairs whose Jaccard (exact on shingle sets, or estimated) >= threshold."""
     if len(pairs) == 0:
         return pairs
-    ids = set(pairs[:, 0].tolist()) | set(pairs[:, 1].tolist())
-    keep = np.zeros(len(pairs), dtype=bool)
-    if cfg.verify == "signature":
-        rows = _read_docs(work_files, ids, ["_sig"])
-        for k, (a, b) in enumerate(pairs):
-            sa, sb = np.asarray(rows[a]["_sig"]), np.asarray(rows[b]["_sig"])
-            keep[k] = float(np.mean(sa == sb)) >= cfg.threshold
-        return pairs[keep]
-    rows = _read_docs(work_files, ids, ["text"])
-    order = sorted(rows)
-    gh, goff = word_ngram_hashes([rows[i]["text"] for i in order], cfg.ngram_size)
-    sets = {i: np.unique(gh[goff[k]:goff[k + 1]]) for k, i in enumerate(order)}
-    for k, (a, b) in enumerate(pairs):
-        sa, sb = sets[a], sets[b]
-        inter = np.intersect1d(sa, sb, assume_unique=True).size
-        union = sa.size + sb.size - inter
-        keep[k] = union > 0 and inter / union >= cfg.threshold
+    sets = doc_sets(work_files, set(pairs[:, 0].tolist()) | set(pairs[:, 1].tolist()), cfg)
+    keep = np.array([similar(sets[a], sets[b], cfg) for a, b in pairs], dtype=bool)
     return pairs[keep]
 
 

@@ -31,7 +31,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.data.dedup import KIND_BAND, KIND_EXACT, KIND_STATS, decide_group, losers_path, read_losers, verify_pairs
+from pipelines.data.dedup import (
+    KIND_BAND,
+    KIND_EXACT,
+    KIND_STATS,
+    decide_group,
+    doc_sets,
+    losers_path,
+    read_losers,
+    similar,
+)
 from pipelines.data.ledger import merge_stats
 from pipelines.data.step_configs import MAX_DEDUP_PARTITIONS, FuzzyDedupConfig
 from pipelines.runtime import atomic_write_bytes
@@ -228,9 +237,10 @@ def exact_task(exact_files: list[str], g: int, losers_dir: str) -> int:
 
 def verify_task(cand_files: list[str], v: int, cfg: FuzzyDedupConfig, stage_dir: str,
                 losers_dir: str) -> tuple[pa.Table, int]:
-    """Bucket v: its candidate pairs from every partition, unique, one pair of work files at a time: pairs
-    with an exact loser left out (its winner has the same buckets), the rest verified (reading only those
-    two work files). Returns the verified pairs (a, b, fa, fb) and the number of candidates checked."""
+    """Bucket v: its candidate pairs from every partition, unique, one pair of work files (fa, fb) at a time:
+    pairs with an exact loser left out (its winner has the same buckets), the rest verified. A work file fa
+    is read once for all its pairs here, then each fb for its own; so a task holds at most two work files'
+    documents. Returns the verified pairs (a, b, fa, fb) and the number of candidates checked."""
     t = read_partition(cand_files, v, ["a", "b", "fa", "fb"])
     empty = pa.table({"a": pa.array([], pa.string()), "b": pa.array([], pa.string()),
                       "fa": pa.array([], pa.int64()), "fb": pa.array([], pa.int64())})
@@ -238,22 +248,40 @@ def verify_task(cand_files: list[str], v: int, cfg: FuzzyDedupConfig, stage_dir:
         return empty, 0
     t = t.group_by(["fa", "fb", "a", "b"], use_threads=False).aggregate([])
     t = t.sort_by([("fa", "ascending"), ("fb", "ascending"), ("a", "ascending"), ("b", "ascending")])
-    fa, fb = t.column("fa").to_numpy(), t.column("fb").to_numpy()
+    fa = t.column("fa").to_numpy()
     out, n_cand = [], 0
-    for s, e in _runs(fa, fb):
-        f1, f2 = int(fa[s]), int(fb[s])
-        a = t.column("a").slice(s, e - s).to_pylist()
-        b = t.column("b").slice(s, e - s).to_pylist()
-        gone = set(read_losers(losers_dir, "exact_dedup", f1)) | set(read_losers(losers_dir, "exact_dedup", f2))
-        pairs = [(x, y) for x, y in zip(a, b) if x not in gone and y not in gone]
-        n_cand += len(pairs)
-        if not pairs:
-            continue
-        files = sorted({os.path.join(stage_dir, file_name_of(f1)), os.path.join(stage_dir, file_name_of(f2))})
-        ver = verify_pairs(np.array(pairs, dtype=object).reshape(-1, 2), files, cfg)
-        if len(ver):
-            out.append(pa.table({"a": pa.array(ver[:, 0].tolist(), pa.string()),
-                                 "b": pa.array(ver[:, 1].tolist(), pa.string()),
-                                 "fa": pa.array(np.full(len(ver), f1, np.int64)),
-                                 "fb": pa.array(np.full(len(ver), f2, np.int64))}))
+    for s, e in _runs(fa):
+        ver, n = _verify_file(t.slice(s, e - s), cfg, stage_dir, losers_dir)
+        n_cand += n
+        out += [ver] if ver.num_rows else []
     return (pa.concat_tables(out) if out else empty), n_cand
+
+
+def _verify_file(t: pa.Table, cfg: FuzzyDedupConfig, stage_dir: str, losers_dir: str) -> tuple[pa.Table, int]:
+    """The unique candidates whose first document is in one work file f1, sorted by fb -> the verified ones."""
+    f1 = int(t.column("fa")[0].as_py())
+    fb = t.column("fb").to_numpy()
+    a, b = t.column("a").to_pylist(), t.column("b").to_pylist()
+    gone1 = set(read_losers(losers_dir, "exact_dedup", f1))
+    groups = []  # (f2, pairs without exact losers)
+    for s, e in _runs(fb):
+        f2 = int(fb[s])
+        gone = gone1 | set(read_losers(losers_dir, "exact_dedup", f2)) if f2 != f1 else gone1
+        pairs = [(x, y) for x, y in zip(a[s:e], b[s:e]) if x not in gone and y not in gone]
+        groups.append((f2, pairs))
+    path = os.path.join(stage_dir, file_name_of(f1))
+    need = {x for _, ps in groups for x, _ in ps} | {y for f2, ps in groups if f2 == f1 for _, y in ps}
+    sets1 = doc_sets([path], need, cfg)  # f1 read once for all its pairs
+    keep_a, keep_b, keep_f = [], [], []
+    for f2, pairs in groups:
+        sets2 = sets1 if f2 == f1 else \
+            doc_sets([os.path.join(stage_dir, file_name_of(f2))], {y for _, y in pairs}, cfg)
+        for x, y in pairs:
+            if similar(sets1[x], sets2[y], cfg):
+                keep_a.append(x)
+                keep_b.append(y)
+                keep_f.append(f2)
+    n = len(keep_a)
+    return pa.table({"a": pa.array(keep_a, pa.string()), "b": pa.array(keep_b, pa.string()),
+                     "fa": pa.array(np.full(n, f1, np.int64)), "fb": pa.array(np.array(keep_f, np.int64))}), \
+        sum(len(p) for _, p in groups)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class Decisions:
     verified_pairs: int = 0
     rows_seen: int = 0  # rows/results the driver received from the workers (the bound the tests check)
     tasks: int = 0  # barrier tasks run (decide + exact + verify)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall per phase: segment, decide, exact, verify
 
     def __post_init__(self):
         os.makedirs(self.losers_dir, exist_ok=True)
@@ -151,6 +153,7 @@ def decide_barrier(bar: Barrier, key_ds, partitions: int, stage_dir: str, limit:
     small result per task, merged stats and the verified pairs only."""
     import ray
 
+    t0 = time.perf_counter()
     out = Decisions(f"{stage_dir}/losers")
     shuffle = shuffle_dir(stage_dir)
     os.makedirs(shuffle, exist_ok=True)
@@ -160,11 +163,13 @@ def decide_barrier(bar: Barrier, key_ds, partitions: int, stage_dir: str, limit:
         out.rows_seen += b.num_rows
         key_files += [f for f in b.column("key_file").to_pylist() if f]
     key_files.sort()
+    out.seconds["segment"] = time.perf_counter() - t0
     limit = limit or task_limit()
     n = max(1, len(key_files))
     groups = min(partitions, n)  # groups of work files (exact losers)
     buckets = min(max(partitions, limit), n) if bar.fuzzy is not None else 0  # buckets of work-file pairs
     max_bucket = bar.fuzzy.max_bucket if bar.fuzzy is not None else 5000
+    t0 = time.perf_counter()
     ref = ray.put(key_files)
     for _, r in run_tasks(decide_task, [(ref, p, max_bucket, groups, buckets, shuffle)
                                         for p in range(partitions)], limit):
@@ -172,12 +177,15 @@ def decide_barrier(bar: Barrier, key_ds, partitions: int, stage_dir: str, limit:
         out.stats += [r["stats"]] if r["stats"] else []
     del ref
     out.tasks += partitions
+    out.seconds["decide"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     ref = ray.put([f"{shuffle}/exact-{p:05d}.parquet" for p in range(partitions)])
     for _, count in run_tasks(exact_task, [(ref, g, out.losers_dir) for g in range(groups)], limit):
         out.rows_seen += 1
         out.exact.count += count
     del ref
     out.tasks += groups
+    out.seconds["exact"] = time.perf_counter() - t0
     if bar.fuzzy is not None:
         _fuzzy(bar.fuzzy, [f"{shuffle}/cand-{p:05d}.parquet" for p in range(partitions)], buckets, limit,
                stage_dir, out)
@@ -191,6 +199,7 @@ def _fuzzy(cfg: FuzzyDedupConfig, cand_files: list[str], buckets: int, limit: in
     the driver and write each work file's near-duplicate losers."""
     import ray
 
+    t0 = time.perf_counter()
     kept = []  # the verified pairs, as Arrow columns (no Python object per document)
     ref = ray.put(cand_files)
     for _, (t, n_cand) in run_tasks(verify_task, [(ref, v, cfg, stage_dir, out.losers_dir)
@@ -201,6 +210,7 @@ def _fuzzy(cfg: FuzzyDedupConfig, cand_files: list[str], buckets: int, limit: in
             kept.append(t)
     del ref
     out.tasks += buckets
+    out.seconds["verify"] = time.perf_counter() - t0
     out.verified_pairs = sum(t.num_rows for t in kept)
     losers, files = cluster_losers_arrow(pa.concat_tables(kept) if kept else None)
     del kept

@@ -129,6 +129,7 @@ def _dedup_segments(segments: list[Segment], items: list[dict[str, Any]], partit
         dedup_info.update(dec.info(seg.barrier))
         pre_steps = dec.steps(seg.barrier)
         timings[f"segment{si}_dedup_s"] = time.time() - t0
+        timings.update({f"segment{si}_{k}_s": v for k, v in dec.seconds.items()})  # where the barrier's time went
         files = sorted(f"{stage_dir}/{p}" for p in os.listdir(stage_dir) if p.endswith(".parquet"))
         items = dec.next_items(files)
     return items, pre_steps + segments[-1].steps
