@@ -236,16 +236,18 @@ def exact_task(exact_files: list[str], g: int, losers_dir: str) -> int:
 
 
 def verify_task(cand_files: list[str], v: int, cfg: FuzzyDedupConfig, stage_dir: str,
-                losers_dir: str) -> tuple[pa.Table, int]:
+                losers_dir: str) -> tuple[pa.Table, int, int]:
     """Bucket v: its candidate pairs from every partition, unique, one pair of work files (fa, fb) at a time:
     pairs with an exact loser left out (its winner has the same buckets), the rest verified. A work file fa
     is read once for all its pairs here, then each fb for its own; so a task holds at most two work files'
-    documents. Returns the verified pairs (a, b, fa, fb) and the number of candidates checked."""
+    documents. Returns the verified pairs reduced to a spanning forest (spanning_edges: the same connected
+    components, one edge per member that is not its component's smallest doc_id), the number of candidates
+    checked and the number of pairs verified."""
     t = read_partition(cand_files, v, ["a", "b", "fa", "fb"])
     empty = pa.table({"a": pa.array([], pa.string()), "b": pa.array([], pa.string()),
                       "fa": pa.array([], pa.int64()), "fb": pa.array([], pa.int64())})
     if t is None or not t.num_rows:
-        return empty, 0
+        return empty, 0, 0
     t = t.group_by(["fa", "fb", "a", "b"], use_threads=False).aggregate([])
     t = t.sort_by([("fa", "ascending"), ("fb", "ascending"), ("a", "ascending"), ("b", "ascending")])
     fa = t.column("fa").to_numpy()
@@ -254,7 +256,8 @@ def verify_task(cand_files: list[str], v: int, cfg: FuzzyDedupConfig, stage_dir:
         ver, n = _verify_file(t.slice(s, e - s), cfg, stage_dir, losers_dir)
         n_cand += n
         out += [ver] if ver.num_rows else []
-    return (pa.concat_tables(out) if out else empty), n_cand
+    ver = pa.concat_tables(out) if out else empty
+    return spanning_edges(ver), n_cand, ver.num_rows
 
 
 def _verify_file(t: pa.Table, cfg: FuzzyDedupConfig, stage_dir: str, losers_dir: str) -> tuple[pa.Table, int]:
@@ -285,3 +288,60 @@ def _verify_file(t: pa.Table, cfg: FuzzyDedupConfig, stage_dir: str, losers_dir:
     return pa.table({"a": pa.array(keep_a, pa.string()), "b": pa.array(keep_b, pa.string()),
                      "fa": pa.array(np.full(n, f1, np.int64)), "fb": pa.array(np.array(keep_f, np.int64))}), \
         sum(len(p) for _, p in groups)
+
+
+# ----------------------------------------------------------------------------------------------- clusters
+
+def _components(pairs: pa.Table) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
+    """Connected components of the pairs (a, b, fa, fb) by vectorised min-label propagation over integer node
+    ranks (rank = doc_id order, so a component's label is its smallest doc_id's rank). Returns the unique
+    doc_ids (first-seen order), `order` (rank -> index into them), the label of every rank and its work file."""
+    # unique doc_ids (first-seen order) and each end's index among them: hash tables over the unique ids
+    # only, no copy of the 2 x pairs ends
+    nodes = pc.unique(pa.chunked_array(pairs.column("a").chunks + pairs.column("b").chunks))
+    rank = np.empty(len(nodes), np.int64)
+    order = pc.sort_indices(nodes).to_numpy()  # UTF-8 byte order == code point order == Python's str order
+    rank[order] = np.arange(len(nodes))
+    e = np.concatenate([rank[pc.index_in(pairs.column(c), value_set=nodes).to_numpy()] for c in ("a", "b")])
+    del rank
+    u, v = e[:pairs.num_rows], e[pairs.num_rows:]
+    label = np.arange(len(nodes), dtype=np.int64)  # by rank
+    while True:
+        m = np.minimum(label[u], label[v])
+        new = label.copy()
+        np.minimum.at(new, u, m)
+        np.minimum.at(new, v, m)
+        while True:  # pointer jumping: a label's own label is at least as small
+            nxt = new[new]
+            if (nxt == new).all():
+                break
+            new = nxt
+        if (new == label).all():
+            break
+        label = new
+    file_of = np.empty(len(nodes), np.int64)
+    file_of[e] = np.concatenate([pairs.column("fa").to_numpy(), pairs.column("fb").to_numpy()])
+    return nodes, order, label, file_of
+
+
+def cluster_losers_arrow(pairs: pa.Table | None) -> tuple[pa.Array, np.ndarray]:
+    """dedup.cluster_losers on Arrow columns (a, b, fa, fb): every member of a connected component but its
+    smallest doc_id (an Arrow string array) and its work file id."""
+    if pairs is None or pairs.num_rows == 0:
+        return pa.array([], pa.string()), np.zeros(0, np.int64)
+    nodes, order, label, file_of = _components(pairs)
+    lose = np.flatnonzero(label != np.arange(len(nodes)))  # ranks that are not their component's minimum
+    return nodes.take(pa.array(order[lose])), file_of[lose]
+
+
+def spanning_edges(pairs: pa.Table) -> pa.Table:
+    """Pairs (a, b, fa, fb) -> one pair (smallest doc_id of the component, member) per other member: the same
+    components (and losers) from at most as many rows; near-duplicate clusters verified as stars and chains
+    shrink about 2x."""
+    if pairs.num_rows == 0:
+        return pairs
+    nodes, order, label, file_of = _components(pairs)
+    lose = np.flatnonzero(label != np.arange(len(nodes)))
+    root = label[lose]
+    return pa.table({"a": nodes.take(pa.array(order[root])), "b": nodes.take(pa.array(order[lose])),
+                     "fa": pa.array(file_of[root]), "fb": pa.array(file_of[lose])})

@@ -9,8 +9,9 @@ tasks, at most one per CPU in flight, then do the rest through files: one per pa
 of every key file and decides it (pipelines.data.dedup.decide_group: exact losers, LSH candidate pairs,
 the stats rows merged); one per group of work files writes `<stage>/losers/exact_dedup-<file>.parquet`;
 one per bucket of work-file pairs verifies its candidates (reading only those two work files and their
-two exact-loser files) and returns only the verified pairs (kept as Arrow columns on the driver, ~40
-bytes a pair): O(work files + near duplicates), never the key rows, the candidates or any text.
+two exact-loser files) and returns only the verified pairs, cut to a spanning forest of their clusters
+(kept as Arrow columns on the driver): O(work files + near duplicates), never the key rows, the
+candidates or any text.
 Connected components of the verified pairs (vectorised min-label propagation) pick one survivor per
 cluster (the smallest doc_id); the driver writes those losers per work file. Each task of the next
 segment reads only the losers of the work file it reads (ApplyLosers.bind_item). The decisions do not
@@ -30,17 +31,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipelines.data.dedup import ApplyLosers, read_losers
 from pipelines.data.dedup_shuffle import (
     FILE_ID_BASE,
+    cluster_losers_arrow,
     decide_task,
     exact_task,
     file_id_of,
     file_name_of,
     run_tasks,
     shuffle_dir,
+    spanning_edges,
     verify_task,
     work_file_id,
     work_file_name,
@@ -193,6 +195,30 @@ def decide_barrier(bar: Barrier, key_ds, partitions: int, stage_dir: str, limit:
     return out
 
 
+class Forest:
+    """The verified pairs on the driver, as Arrow columns (no Python object per document), cut back to a
+    spanning forest of their clusters (one edge per member that is not its cluster's smallest doc_id)
+    whenever the pairs added since outnumber it: O(near-duplicate documents) rows, not O(verified pairs)."""
+
+    MIN_ROWS = 1 << 16
+
+    def __init__(self):
+        self.tables: list[pa.Table] = []
+        self.forest_rows = self.pending = 0
+
+    def add(self, t: pa.Table) -> None:
+        if not t.num_rows:
+            return
+        self.tables.append(t)
+        self.pending += t.num_rows
+        if self.pending >= max(self.MIN_ROWS, self.forest_rows):
+            merged = spanning_edges(pa.concat_tables(self.tables))
+            self.tables, self.forest_rows, self.pending = [merged], merged.num_rows, 0
+
+    def table(self) -> pa.Table | None:
+        return pa.concat_tables(self.tables) if self.tables else None
+
+
 def _fuzzy(cfg: FuzzyDedupConfig, cand_files: list[str], buckets: int, limit: int, stage_dir: str,
            out: Decisions) -> None:
     """Verify the candidates in Ray tasks (one per bucket of work-file pairs); cluster the verified pairs on
@@ -200,56 +226,21 @@ def _fuzzy(cfg: FuzzyDedupConfig, cand_files: list[str], buckets: int, limit: in
     import ray
 
     t0 = time.perf_counter()
-    kept = []  # the verified pairs, as Arrow columns (no Python object per document)
+    forest = Forest()
     ref = ray.put(cand_files)
-    for _, (t, n_cand) in run_tasks(verify_task, [(ref, v, cfg, stage_dir, out.losers_dir)
-                                                  for v in range(buckets)], limit):
+    for _, (t, n_cand, n_ver) in run_tasks(verify_task, [(ref, v, cfg, stage_dir, out.losers_dir)
+                                                         for v in range(buckets)], limit):
         out.rows_seen += t.num_rows + 1
         out.candidate_pairs += n_cand
-        if t.num_rows:
-            kept.append(t)
+        out.verified_pairs += n_ver
+        forest.add(t)
     del ref
     out.tasks += buckets
     out.seconds["verify"] = time.perf_counter() - t0
-    out.verified_pairs = sum(t.num_rows for t in kept)
-    losers, files = cluster_losers_arrow(pa.concat_tables(kept) if kept else None)
-    del kept
+    losers, files = cluster_losers_arrow(forest.table())
+    del forest
     order = np.argsort(files, kind="stable")
     bounds = np.flatnonzero(np.diff(files[order])) + 1
     for idx in np.split(order, bounds) if order.size else []:
         write_losers(out.losers_dir, "fuzzy_dedup", int(files[idx[0]]), losers.take(pa.array(idx)).to_pylist())
         out.fuzzy.count += int(idx.size)
-
-
-def cluster_losers_arrow(pairs) -> tuple[Any, np.ndarray]:
-    """dedup.cluster_losers on Arrow columns (a, b, fa, fb): connected components by vectorised min-label
-    propagation over integer node ranks (rank = doc_id order, so a component's label is its smallest
-    doc_id); returns every other member (an Arrow string array) and its work file id."""
-    if pairs is None or pairs.num_rows == 0:
-        return pa.array([], pa.string()), np.zeros(0, np.int64)
-    ends = pa.chunked_array(pairs.column("a").chunks + pairs.column("b").chunks).combine_chunks()
-    enc = ends.dictionary_encode()
-    nodes = enc.dictionary  # unique doc_ids (first-seen order)
-    rank = np.empty(len(nodes), np.int64)
-    order = pc.sort_indices(nodes).to_numpy()  # UTF-8 byte order == code point order == Python's str order
-    rank[order] = np.arange(len(nodes))
-    e = rank[enc.indices.to_numpy()]
-    u, v = e[:pairs.num_rows], e[pairs.num_rows:]
-    label = np.arange(len(nodes), dtype=np.int64)  # by rank
-    while True:
-        m = np.minimum(label[u], label[v])
-        new = label.copy()
-        np.minimum.at(new, u, m)
-        np.minimum.at(new, v, m)
-        while True:  # pointer jumping: a label's own label is at least as small
-            nxt = new[new]
-            if (nxt == new).all():
-                break
-            new = nxt
-        if (new == label).all():
-            break
-        label = new
-    lose = np.flatnonzero(label != np.arange(len(nodes)))  # ranks that are not their component's minimum
-    file_of = np.empty(len(nodes), np.int64)
-    file_of[e] = np.concatenate([pairs.column("fa").to_numpy(), pairs.column("fb").to_numpy()])
-    return nodes.take(pa.array(order[lose])), file_of[lose]

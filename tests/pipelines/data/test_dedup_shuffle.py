@@ -21,7 +21,13 @@ from pipelines.config import ConfigError, from_dict
 from pipelines.data import PrepConfig, run
 from pipelines.data.config import InputSpec
 from pipelines.data.dedup import ExactDedupConfig, FuzzyDedupConfig, Signatures, key_rows
-from pipelines.data.dedup_shuffle import auto_partitions, read_partition, write_key_file
+from pipelines.data.dedup_shuffle import (
+    auto_partitions,
+    cluster_losers_arrow,
+    read_partition,
+    spanning_edges,
+    write_key_file,
+)
 from pipelines.data.dedup_stage import decide_barrier, work_file_id, work_file_name
 from pipelines.data.manifest import shard_paths
 from pipelines.data.plan import Barrier
@@ -125,8 +131,8 @@ def test_the_driver_receives_names_task_results_and_verified_pairs(corpus, tmp_p
     files, key_ds, tables = _stage(ids, docs, stage, 4)
     dec = decide_barrier(BAR, key_ds, 4, str(stage))
     key_row_count = sum(t.num_rows for t in tables)
-    # exactly: one key-file name per work file, one result per task, the verified pairs
-    assert dec.rows_seen == len(files) + dec.tasks + dec.verified_pairs
+    # one key-file name per work file, one result per task, the verified pairs (cut to a spanning forest)
+    assert len(files) + dec.tasks < dec.rows_seen <= len(files) + dec.tasks + dec.verified_pairs
     assert dec.tasks <= 4 + 2 * len(files)
     assert dec.rows_seen < key_row_count / 10 and dec.rows_seen < dec.candidate_pairs + len(dec.exact)
     items = dec.next_items(files)
@@ -165,3 +171,23 @@ def test_default_partitions_follow_the_input_size():
     assert auto_partitions(0, rows) == 1 and auto_partitions(10 << 40, rows) == 1024
     small, big = auto_partitions(64 << 20, rows), auto_partitions(1 << 30, rows)
     assert 1 <= small < big < 1024 and 12 <= big // small <= 20  # ~proportional: ~8 MB of key rows each
+
+
+def test_a_spanning_forest_keeps_the_clusters():
+    """What a verify task returns: one edge per member to its cluster's smallest doc_id, the same losers."""
+    import pyarrow as pa
+
+    rng = random.Random(5)
+    ids = [f"{rng.choice('abc')}{k:04d}" for k in range(600)]
+    file_of = {d: rng.randrange(9) for d in ids}
+    pairs = sorted({tuple(sorted(rng.sample(ids[:300], 2))) for _ in range(700)})
+    t = pa.table({"a": [p[0] for p in pairs], "b": [p[1] for p in pairs],
+                  "fa": [file_of[p[0]] for p in pairs], "fb": [file_of[p[1]] for p in pairs]})
+    forest = spanning_edges(t)
+    losers, files = cluster_losers_arrow(t)
+    assert forest.num_rows == len(losers) < t.num_rows
+    assert sorted(forest.column("b").to_pylist()) == sorted(losers.to_pylist())
+    assert all(a < b and file_of[a] == fa and file_of[b] == fb for a, b, fa, fb in
+               zip(*(forest.column(c).to_pylist() for c in ("a", "b", "fa", "fb"))))
+    f_losers, f_files = cluster_losers_arrow(forest)
+    assert sorted(zip(f_losers.to_pylist(), f_files.tolist())) == sorted(zip(losers.to_pylist(), files.tolist()))
