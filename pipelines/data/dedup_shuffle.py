@@ -13,9 +13,10 @@ batches' stats rows merged on the way) writes its exact losers partitioned by gr
 candidate pairs partitioned by bucket of work-file pairs, again one row group per group / bucket;
 `exact_task` per group writes each work file's exact-loser file; `verify_task` per bucket verifies its
 candidates one pair of work files at a time (reading only those two work files) and returns only the
-verified pairs. A task holds one partition, group or bucket, and one pair of work files, at a time: its
-memory is set by the partitions and the batch size, not by the corpus. Every file is written atomically.
-Does not: hash documents (pipelines.data.dedup) or cluster the verified pairs (pipelines.data.dedup_stage).
+verified pairs, cut to a spanning forest of their clusters (spanning_edges; cluster_losers_arrow turns
+pairs into losers). A task holds one partition, group or bucket, and one pair of work files, at a time:
+its memory is set by the partitions and the batch size, not by the corpus. Files are written atomically.
+Does not: hash documents (pipelines.data.dedup) or run the barrier's phases (pipelines.data.dedup_stage).
 """
 
 from __future__ import annotations
