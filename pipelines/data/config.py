@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipelines.config import ConfigError, from_dict, to_dict
-from pipelines.data.step_configs import DecontamConfig, ExactDedupConfig, FuzzyDedupConfig
+from pipelines.data.step_configs import MAX_DEDUP_PARTITIONS, DecontamConfig, ExactDedupConfig, FuzzyDedupConfig
 from pipelines.data.steps import STEP_REGISTRY, build_step
 from pipelines.errors import UserError
 
@@ -31,7 +31,7 @@ TEXT_MODES = ("file", "line", "paragraph")
 OWN_STEPS = ("exact_dedup", "fuzzy_dedup", "decontaminate")
 # Fields that only say where/how to run; they do not change the dataset and are left out of the
 # config recorded in the manifest (so the same data written to two places gets the same manifest).
-RUNTIME_FIELDS = ("output", "overwrite", "ray_address", "progress", "work_dir", "num_cpus")
+RUNTIME_FIELDS = ("output", "overwrite", "ray_address", "progress", "work_dir", "num_cpus", "dedup_partitions")
 
 
 class PrepError(UserError, RuntimeError):
@@ -207,6 +207,9 @@ class PrepConfig:
     num_cpus: int = 0  # for a locally started Ray; 0 = all cores
     progress: bool = True  # Ray Data progress bars
     work_dir: str = ""  # intermediate files (dedup); default <output>/_work, removed at the end
+    # dedup shuffle partitions (a barrier task holds one); 0 = auto: ~8 MB of key rows each, 1..1024.
+    # Bounds the barrier's task memory; the output does not depend on it
+    dedup_partitions: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.output, str) or not self.output.strip():
@@ -218,6 +221,10 @@ class PrepConfig:
             _fail("name", "letters, digits, '_', '-', '.'", self.name, "e.g. name: english-bpe")
         if self.num_cpus < 0:
             _fail("num_cpus", ">= 0 (0 = all cores)", self.num_cpus, "e.g. 0")
+        if isinstance(self.dedup_partitions, bool) or not isinstance(self.dedup_partitions, int) or \
+                not 0 <= self.dedup_partitions <= MAX_DEDUP_PARTITIONS:
+            _fail("dedup_partitions", f"an integer from 0 (auto) to {MAX_DEDUP_PARTITIONS}", self.dedup_partitions,
+                  "use 0 to size it from the input, or e.g. dedup_partitions=64")
         seen_global = []
         for i, st in enumerate(self.steps):
             validate_step(st, i)

@@ -4,13 +4,13 @@
     (run by pipelines.data.dedup_stage for the steps `exact_dedup` and `fuzzy_dedup`)
 
 How it runs: the segment before the dedup barrier computes, per alive document, `_xh` (hash of the
-normalized text) and `_sig` (MinHash signature), writes the documents to work Parquet files and emits
-shuffle rows: (key=_xh, doc_id) for exact, (key=LSH band bucket, doc_id) per band for fuzzy, and
-one stats row. ONE Ray Data groupby on a partition of the key (`_part` = key % P) hands each
-partition to `decide_group`, which sorts (key, doc_id) with pyarrow and, vectorised, marks every
+normalized text) and `_sig` (MinHash signature), writes the documents to work Parquet files and the
+shuffle rows to key files: (key=_xh, doc_id) for exact, (key=LSH band bucket, doc_id) per band for fuzzy,
+and one stats row, partitioned by `_part` = key % P (pipelines.data.dedup_shuffle). One Ray task per
+partition hands it to `decide_group`, which sorts (key, doc_id) with pyarrow and, vectorised, marks every
 exact duplicate but the smallest doc_id and emits candidate pairs from buckets holding several
 documents. Candidates are verified (exact Jaccard of the word-n-gram sets, or the signature estimate)
-in the workers, per pair of work files (pipelines.data.dedup_stage runs the barrier; group_decisions /
+in Ray tasks, per pair of work files (pipelines.data.dedup_stage runs the barrier; group_decisions /
 fuzzy_losers here are the small driver-side path the tests compare with), and connected components of
 verified pairs give one survivor per cluster, the smallest doc_id (deterministic, independent of order
 and partitioning). Fuzzy runs among exact survivors.
@@ -227,13 +227,6 @@ _PY_LOWER = bytes(_LOWER.tolist())
 
 # ----------------------------------------------------------------------------------------------- decisions
 
-def auto_partitions(input_bytes: int, per_partition: int = 32 << 20, cap: int = 4096) -> int:
-    """Groupby partitions from the input size (decided before the data is seen). A partition's key rows are
-    sorted in one task, so per_partition (input bytes) bounds that task's memory (~1-2x per_partition)
-    whatever the corpus size, up to cap * per_partition of input (128 GB)."""
-    return int(max(1, min(cap, input_bytes // per_partition + 1)))
-
-
 KIND_EXACT, KIND_BAND, KIND_STATS = 0, 1, 2
 
 
@@ -403,27 +396,34 @@ def _read_docs(work_files: list[str], ids: set[str], columns: list[str]) -> dict
     return out
 
 
+def doc_sets(work_files: list[str], ids: set[str], cfg: FuzzyDedupConfig) -> dict[str, np.ndarray]:
+    """What verification compares, per document id: its MinHash signature (verify=signature) or its sorted
+    unique word-n-gram hashes (verify=exact), read from the work files."""
+    if not ids:
+        return {}
+    if cfg.verify == "signature":
+        return {i: np.asarray(r["_sig"]) for i, r in _read_docs(work_files, ids, ["_sig"]).items()}
+    rows = _read_docs(work_files, ids, ["text"])
+    order = sorted(rows)
+    gh, goff = word_ngram_hashes([rows[i]["text"] for i in order], cfg.ngram_size)
+    return {i: np.unique(gh[goff[k]:goff[k + 1]]) for k, i in enumerate(order)}
+
+
+def similar(sa: np.ndarray, sb: np.ndarray, cfg: FuzzyDedupConfig) -> bool:
+    """Two documents' doc_sets: signature agreement, or exact Jaccard of the shingle sets, >= threshold."""
+    if cfg.verify == "signature":
+        return float(np.mean(sa == sb)) >= cfg.threshold
+    inter = np.intersect1d(sa, sb, assume_unique=True).size
+    union = sa.size + sb.size - inter
+    return union > 0 and inter / union >= cfg.threshold
+
+
 def verify_pairs(pairs: np.ndarray, work_files: list[str], cfg: FuzzyDedupConfig) -> np.ndarray:
     """Keep candidate pairs whose Jaccard (exact on shingle sets, or estimated) >= threshold."""
     if len(pairs) == 0:
         return pairs
-    ids = set(pairs[:, 0].tolist()) | set(pairs[:, 1].tolist())
-    keep = np.zeros(len(pairs), dtype=bool)
-    if cfg.verify == "signature":
-        rows = _read_docs(work_files, ids, ["_sig"])
-        for k, (a, b) in enumerate(pairs):
-            sa, sb = np.asarray(rows[a]["_sig"]), np.asarray(rows[b]["_sig"])
-            keep[k] = float(np.mean(sa == sb)) >= cfg.threshold
-        return pairs[keep]
-    rows = _read_docs(work_files, ids, ["text"])
-    order = sorted(rows)
-    gh, goff = word_ngram_hashes([rows[i]["text"] for i in order], cfg.ngram_size)
-    sets = {i: np.unique(gh[goff[k]:goff[k + 1]]) for k, i in enumerate(order)}
-    for k, (a, b) in enumerate(pairs):
-        sa, sb = sets[a], sets[b]
-        inter = np.intersect1d(sa, sb, assume_unique=True).size
-        union = sa.size + sb.size - inter
-        keep[k] = union > 0 and inter / union >= cfg.threshold
+    sets = doc_sets(work_files, set(pairs[:, 0].tolist()) | set(pairs[:, 1].tolist()), cfg)
+    keep = np.array([similar(sets[a], sets[b], cfg) for a, b in pairs], dtype=bool)
     return pairs[keep]
 
 

@@ -1,78 +1,59 @@
-"""The dedup barrier on Ray Data: key rows -> groupby decisions -> losers written per work file, in the workers.
+"""The dedup barrier: key files -> decide / exact / verify Ray tasks -> losers written per work file.
 
     dec = decide_barrier(bar, key_ds, partitions, stage_dir)     # on the driver, after a segment
     items = dec.next_items(work_files)                            # each item names its own losers file
 
-One groupby on `_part` (pipelines.data.dedup.decide_group) marks exact duplicates and emits LSH candidate
-pairs, each with the work files of its two documents. The decisions are materialized in the object store
-(spilled to disk when large), never on the driver. Exact losers (and the per-batch stats rows) are then
-grouped by work file in the workers, which write `<stage>/losers/exact_dedup-<file>.parquet` and merge the
-stats: the driver gets one count row per work file. Fuzzy candidates are grouped by their pair of work files
-and verified in the workers (VerifyGroup reads only those two work files and their two exact-loser files),
-so the driver receives only verified pairs (kept as Arrow columns, ~40 bytes a pair) and counts:
-O(near duplicates), never the candidates, the exact losers or any text. Connected components of the
-verified pairs (vectorised min-label propagation) pick one survivor per cluster (the smallest doc_id); the
-driver writes those losers per work file. Each task of the next segment reads only the losers
-of the work file it reads (ApplyLosers.bind_item). Does not: hash documents (Signatures, in the segment)
-or write work files (pipelines.data.runner).
+The segment writes, next to each work file, a key file partitioned by `_part` (one Parquet row group per
+partition: pipelines.data.dedup_shuffle), and the driver receives only the key files' names. Plain Ray
+tasks, at most one per CPU in flight, then do the rest through files: one per partition reads row group p
+of every key file and decides it (pipelines.data.dedup.decide_group: exact losers, LSH candidate pairs,
+the stats rows merged); one per group of work files writes `<stage>/losers/exact_dedup-<file>.parquet`;
+one per bucket of work-file pairs verifies its candidates (reading only those two work files and their
+two exact-loser files) and returns only the verified pairs, cut to a spanning forest of their clusters
+(kept as Arrow columns on the driver): O(work files + near duplicates), never the key rows, the
+candidates or any text.
+Connected components of the verified pairs (vectorised min-label propagation) pick one survivor per
+cluster (the smallest doc_id); the driver writes those losers per work file. Each task of the next
+segment reads only the losers of the work file it reads (ApplyLosers.bind_item). The decisions do not
+depend on the number of partitions or tasks. Does not: hash documents (Signatures, in the segment) or
+write work files (pipelines.data.runner).
 """
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipelines.data.dedup import (
-    KIND_BAND,
-    KIND_EXACT,
-    KIND_STATS,
-    ApplyLosers,
-    decide_group,
-    losers_path,
-    read_losers,
-    verify_pairs,
+from pipelines.data.dedup import ApplyLosers, read_losers
+from pipelines.data.dedup_shuffle import (
+    FILE_ID_BASE,
+    cluster_losers_arrow,
+    decide_task,
+    exact_task,
+    file_id_of,
+    file_name_of,
+    run_tasks,
+    shuffle_dir,
+    spanning_edges,
+    verify_task,
+    work_file_id,
+    work_file_name,
+    write_key_file,
+    write_losers,
 )
-from pipelines.data.ledger import merge_stats
 from pipelines.data.plan import Barrier
 from pipelines.data.step_configs import FuzzyDedupConfig
 
-FILE_ID_BASE = 1_000_000  # work file w<order>-<k>.parquet has id order * FILE_ID_BASE + k
-
-
-def work_file_name(order: int, k: int) -> str:
-    return f"w{order:06d}-{k:06d}.parquet"
-
-
-def work_file_id(order: int, k: int) -> int:
-    return order * FILE_ID_BASE + k
-
-
-def file_id_of(name: str) -> int:
-    """w000003-000001.parquet -> 3000001."""
-    order, k = name.rsplit("/", 1)[-1][1:].split(".")[0].split("-")
-    return work_file_id(int(order), int(k))
-
-
-def file_name_of(fid: int) -> str:
-    return work_file_name(fid // FILE_ID_BASE, fid % FILE_ID_BASE)
-
-
-def write_losers(losers_dir: str, name: str, fid: int, ids) -> None:
-    """The sorted losers of one work file (atomic: written to a temp name, then renamed)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = losers_path(losers_dir, name, fid)
-    tmp = f"{path}.tmp"
-    pq.write_table(pa.table({"doc_id": pa.array(sorted(set(ids)), pa.string())}), tmp)
-    os.replace(tmp, path)
+__all__ = ["FILE_ID_BASE", "Decisions", "FileLosers", "LoserSet", "cluster_losers_arrow", "decide_barrier",
+           "file_id_of", "file_name_of", "work_file_id", "work_file_name", "write_losers"]
 
 
 class FileLosers:
@@ -115,7 +96,9 @@ class Decisions:
     stats: list[str] = field(default_factory=list)  # merged stats JSON (one per group of stats rows)
     candidate_pairs: int = 0
     verified_pairs: int = 0
-    rows_seen: int = 0  # rows the driver received from the workers (the bound the tests check)
+    rows_seen: int = 0  # rows/results the driver received from the workers (the bound the tests check)
+    tasks: int = 0  # barrier tasks run (decide + exact + verify)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall per phase: segment, decide, exact, verify
 
     def __post_init__(self):
         os.makedirs(self.losers_dir, exist_ok=True)
@@ -142,160 +125,122 @@ class Decisions:
                 for k, f in enumerate(files)]
 
 
-class ExactToFiles:
-    """Runs in the workers: one group of non-band decision rows (one work file's exact losers, or the
-    stats rows: file -1) -> that file's loser file, or the merged stats; one small row for the driver."""
+class KeyFiles:
+    """Runs in the workers, after the segment: a block of its output rows -> the key-file names they carry
+    (the segment wrote its key files next to its work files), or a block of raw key rows (a caller that
+    built them itself) -> one key file written here. Either way one small row per key file goes on."""
 
-    def __init__(self, losers_dir: str):
-        self.losers_dir = losers_dir
+    def __init__(self, shuffle_dir: str, partitions: int):
+        self.dir, self.partitions = shuffle_dir, partitions
 
     def __call__(self, t):
-        import pyarrow as pa
-
-        kind = t.column("kind").to_numpy()
-        a = t.column("a").to_numpy(zero_copy_only=False)
-        merged: dict[str, Any] = {"steps": {}}
-        st = a[kind == KIND_STATS]
-        for js in st.tolist():
-            merge_stats(merged, json.loads(js))
-        lose = a[kind == KIND_EXACT].tolist()
-        if lose:
-            write_losers(self.losers_dir, "exact_dedup", int(t.column("fa")[0].as_py()), lose)
-        return pa.table({"n": pa.array([len(set(lose))], pa.int64()),
-                         "stats": pa.array([json.dumps(merged) if st.size else ""], pa.string())})
+        if "key_file" in t.column_names:
+            return t.select(["key_file"])
+        os.makedirs(self.dir, exist_ok=True)
+        path = f"{self.dir}/x-{uuid.uuid4().hex}.parquet"
+        write_key_file(t, self.partitions, path)
+        return pa.table({"key_file": pa.array([path], pa.string())})
 
 
-class VerifyGroup:
-    """Runs in the workers: candidate pairs between two work files -> the verified ones, plus the number of
-    unique candidates (pairs with an exact duplicate are left out: its winner has the same buckets). The
-    exact losers it needs are those of its two work files, read from their loser files."""
+def task_limit() -> int:
+    """Barrier tasks in flight: the cluster's CPUs (each task holds one partition, group or bucket)."""
+    import ray
 
-    def __init__(self, cfg: FuzzyDedupConfig, stage_dir: str, losers_dir: str):
-        self.cfg, self.stage_dir, self.losers_dir = cfg, stage_dir, losers_dir
-
-    def __call__(self, tbl):
-        import pyarrow as pa
-
-        a = tbl.column("a").to_numpy(zero_copy_only=False)
-        b = tbl.column("b").to_numpy(zero_copy_only=False)
-        fa, fb = int(tbl.column("fa")[0].as_py()), int(tbl.column("fb")[0].as_py())
-        pairs = sorted(set(zip(a.tolist(), b.tolist())))
-        gone = {x for f in {fa, fb} for x in read_losers(self.losers_dir, "exact_dedup", f)}
-        if gone and pairs:
-            pairs = [(x, y) for x, y in pairs if x not in gone and y not in gone]
-        cand = np.array(pairs, dtype=object).reshape(-1, 2)
-        files = sorted({f"{self.stage_dir}/{file_name_of(fa)}", f"{self.stage_dir}/{file_name_of(fb)}"})
-        ver = verify_pairs(cand, files, self.cfg) if len(cand) else cand
-        n = len(ver)
-        return pa.table({"a": pa.array([str(x) for x in ver[:, 0]] + [""], pa.string()),
-                         "b": pa.array([str(x) for x in ver[:, 1]] + [""], pa.string()),
-                         "fa": pa.array([fa] * (n + 1), pa.int64()), "fb": pa.array([fb] * (n + 1), pa.int64()),
-                         "n_cand": pa.array([0] * n + [len(cand)], pa.int64())})
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _kinds(want_band: bool):
-    def select(t):
-        import pyarrow as pa
+def decide_barrier(bar: Barrier, key_ds, partitions: int, stage_dir: str, limit: int = 0) -> Decisions:
+    """The segment's key files -> decisions, exact losers written per work file and fuzzy verification, all
+    in Ray tasks (at most `limit` in flight; 0: the cluster's CPUs); the driver gets the key-file names, one
+    small result per task, merged stats and the verified pairs only."""
+    import ray
 
-        mask = t.column("kind").to_numpy() == KIND_BAND
-        return t.filter(pa.array(mask if want_band else ~mask))
-
-    return select
-
-
-def decide_barrier(bar: Barrier, key_ds, partitions: int, stage_dir: str) -> Decisions:
-    """Groupby decisions, exact losers written per work file and fuzzy verification, all in the workers;
-    the driver gets counts, merged stats and the verified pairs only."""
-    from ray.data.context import ShuffleStrategy
-
-    max_bucket = bar.fuzzy.max_bucket if bar.fuzzy is not None else 5000
-
-    def decide(t):
-        return decide_group(t, max_bucket)
-
-    # task-based sort shuffle: the default hash shuffle starts aggregator actors, a fixed cost of
-    # seconds per groupby that dominates on small clusters
-    key_ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    dec = key_ds.groupby("_part", num_partitions=partitions).map_groups(decide, batch_format="pyarrow")
-    if bar.fuzzy is not None:
-        dec = dec.materialize()  # read twice (exact + stats, then candidates): kept in the object store
+    t0 = time.perf_counter()
     out = Decisions(f"{stage_dir}/losers")
-    to_files = ExactToFiles(out.losers_dir)
-
-    def exact_to_files(t):
-        return to_files(t)
-
-    rest = dec.map_batches(_kinds(False), batch_format="pyarrow")
-    rest.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    for b in rest.groupby("fa", num_partitions=partitions).map_groups(exact_to_files, batch_format="pyarrow") \
-            .iter_batches(batch_format="pyarrow", batch_size=None):
+    shuffle = shuffle_dir(stage_dir)
+    os.makedirs(shuffle, exist_ok=True)
+    key_files: list[str] = []
+    for b in key_ds.map_batches(KeyFiles(shuffle, partitions), batch_format="pyarrow",
+                                batch_size=None).iter_batches(batch_format="pyarrow", batch_size=None):
         out.rows_seen += b.num_rows
-        out.exact.count += int(b.column("n").to_numpy().sum())
-        out.stats += [x for x in b.column("stats").to_pylist() if x]
+        key_files += [f for f in b.column("key_file").to_pylist() if f]
+    key_files.sort()
+    out.seconds["segment"] = time.perf_counter() - t0
+    limit = limit or task_limit()
+    n = max(1, len(key_files))
+    groups = min(partitions, n)  # groups of work files (exact losers)
+    buckets = min(max(partitions, limit), n) if bar.fuzzy is not None else 0  # buckets of work-file pairs
+    max_bucket = bar.fuzzy.max_bucket if bar.fuzzy is not None else 5000
+    t0 = time.perf_counter()
+    ref = ray.put(key_files)
+    for _, r in run_tasks(decide_task, [(ref, p, max_bucket, groups, buckets, shuffle)
+                                        for p in range(partitions)], limit):
+        out.rows_seen += 1
+        out.stats += [r["stats"]] if r["stats"] else []
+    del ref
+    out.tasks += partitions
+    out.seconds["decide"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref = ray.put([f"{shuffle}/exact-{p:05d}.parquet" for p in range(partitions)])
+    for _, count in run_tasks(exact_task, [(ref, g, out.losers_dir) for g in range(groups)], limit):
+        out.rows_seen += 1
+        out.exact.count += count
+    del ref
+    out.tasks += groups
+    out.seconds["exact"] = time.perf_counter() - t0
     if bar.fuzzy is not None:
-        _fuzzy(bar.fuzzy, dec, partitions, stage_dir, out)
+        _fuzzy(bar.fuzzy, [f"{shuffle}/cand-{p:05d}.parquet" for p in range(partitions)], buckets, limit,
+               stage_dir, out)
+    shutil.rmtree(shuffle, ignore_errors=True)
     return out
 
 
-def _fuzzy(cfg: FuzzyDedupConfig, dec, partitions: int, stage_dir: str, out: Decisions) -> None:
-    """Verify the candidates in the workers (grouped by pair of work files); cluster the verified pairs on
+class Forest:
+    """The verified pairs on the driver, as Arrow columns (no Python object per document), cut back to a
+    spanning forest of their clusters (one edge per member that is not its cluster's smallest doc_id)
+    whenever the pairs added since outnumber it: O(near-duplicate documents) rows, not O(verified pairs)."""
+
+    MIN_ROWS = 1 << 16
+
+    def __init__(self):
+        self.tables: list[pa.Table] = []
+        self.forest_rows = self.pending = 0
+
+    def add(self, t: pa.Table) -> None:
+        if not t.num_rows:
+            return
+        self.tables.append(t)
+        self.pending += t.num_rows
+        if self.pending >= max(self.MIN_ROWS, self.forest_rows):
+            merged = spanning_edges(pa.concat_tables(self.tables))
+            self.tables, self.forest_rows, self.pending = [merged], merged.num_rows, 0
+
+    def table(self) -> pa.Table | None:
+        return pa.concat_tables(self.tables) if self.tables else None
+
+
+def _fuzzy(cfg: FuzzyDedupConfig, cand_files: list[str], buckets: int, limit: int, stage_dir: str,
+           out: Decisions) -> None:
+    """Verify the candidates in Ray tasks (one per bucket of work-file pairs); cluster the verified pairs on
     the driver and write each work file's near-duplicate losers."""
-    from ray.data.context import ShuffleStrategy
+    import ray
 
-    cand = dec.map_batches(_kinds(True), batch_format="pyarrow")
-    cand.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    verify_group = VerifyGroup(cfg, stage_dir, out.losers_dir)
-
-    def verify(t):
-        return verify_group(t)
-
-    verified = cand.groupby(["fa", "fb"], num_partitions=partitions).map_groups(verify, batch_format="pyarrow")
-    kept = []  # the verified pairs, as Arrow columns (no Python object per document)
-    for b in verified.iter_batches(batch_format="pyarrow", batch_size=None):
-        out.rows_seen += b.num_rows
-        out.candidate_pairs += int(b.column("n_cand").to_numpy().sum())
-        b = b.filter(pc.not_equal(b.column("a"), ""))
-        if b.num_rows:
-            kept.append(b.select(["a", "b", "fa", "fb"]))
-    out.verified_pairs = sum(t.num_rows for t in kept)
-    losers, files = cluster_losers_arrow(pa.concat_tables(kept) if kept else None)
-    del kept
+    t0 = time.perf_counter()
+    forest = Forest()
+    ref = ray.put(cand_files)
+    for _, (t, n_cand, n_ver) in run_tasks(verify_task, [(ref, v, cfg, stage_dir, out.losers_dir)
+                                                         for v in range(buckets)], limit):
+        out.rows_seen += t.num_rows + 1
+        out.candidate_pairs += n_cand
+        out.verified_pairs += n_ver
+        forest.add(t)
+    del ref
+    out.tasks += buckets
+    out.seconds["verify"] = time.perf_counter() - t0
+    losers, files = cluster_losers_arrow(forest.table())
+    del forest
     order = np.argsort(files, kind="stable")
     bounds = np.flatnonzero(np.diff(files[order])) + 1
     for idx in np.split(order, bounds) if order.size else []:
         write_losers(out.losers_dir, "fuzzy_dedup", int(files[idx[0]]), losers.take(pa.array(idx)).to_pylist())
         out.fuzzy.count += int(idx.size)
-
-
-def cluster_losers_arrow(pairs) -> tuple[Any, np.ndarray]:
-    """dedup.cluster_losers on Arrow columns (a, b, fa, fb): connected components by vectorised min-label
-    propagation over integer node ranks (rank = doc_id order, so a component's label is its smallest
-    doc_id); returns every other member (an Arrow string array) and its work file id."""
-    if pairs is None or pairs.num_rows == 0:
-        return pa.array([], pa.string()), np.zeros(0, np.int64)
-    ends = pa.chunked_array(pairs.column("a").chunks + pairs.column("b").chunks).combine_chunks()
-    enc = ends.dictionary_encode()
-    nodes = enc.dictionary  # unique doc_ids (first-seen order)
-    rank = np.empty(len(nodes), np.int64)
-    order = pc.sort_indices(nodes).to_numpy()  # UTF-8 byte order == code point order == Python's str order
-    rank[order] = np.arange(len(nodes))
-    e = rank[enc.indices.to_numpy()]
-    u, v = e[:pairs.num_rows], e[pairs.num_rows:]
-    label = np.arange(len(nodes), dtype=np.int64)  # by rank
-    while True:
-        m = np.minimum(label[u], label[v])
-        new = label.copy()
-        np.minimum.at(new, u, m)
-        np.minimum.at(new, v, m)
-        while True:  # pointer jumping: a label's own label is at least as small
-            nxt = new[new]
-            if (nxt == new).all():
-                break
-            new = nxt
-        if (new == label).all():
-            break
-        label = new
-    lose = np.flatnonzero(label != np.arange(len(nodes)))  # ranks that are not their component's minimum
-    file_of = np.empty(len(nodes), np.int64)
-    file_of[e] = np.concatenate([pairs.column("fa").to_numpy(), pairs.column("fb").to_numpy()])
-    return nodes.take(pa.array(order[lose])), file_of[lose]

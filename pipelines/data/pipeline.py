@@ -5,8 +5,8 @@
 
 run(cfg) is the list of stages: plan (pipelines.data.plan: segments cut at the dedup steps, output
 reuse), the segments before each dedup barrier (each ONE streaming Ray Data operator, steps fused
-in-process: pipelines.data.runner; documents and their hashes/signatures go to <output>/_work, the
-decision is a Ray Data groupby: pipelines.data.dedup), the tokenizer (loaded, or trained on a
+in-process: pipelines.data.runner; documents go to work files and their dedup keys to partitioned key
+files in <output>/_work, the decision is taken by Ray tasks reading them: pipelines.data.dedup_stage), the tokenizer (loaded, or trained on a
 deterministic sample), the final segment (tokenized and spilled in the workers; the driver's sink gets
 counts per batch, then one worker task per shard packs and writes it: pipelines.data.sink, .shards),
 then the checked ledger
@@ -74,7 +74,7 @@ def run(cfg: PrepConfig) -> dict[str, Any]:
     ledger_order: list[str] = ["read"]
     with DataContext(cfg.progress):
         items = [t.to_dict() for t in tasks]
-        items, final_steps = _dedup_segments(segments, items, partitions_for(tasks), common, wfs, wroot,
+        items, final_steps = _dedup_segments(segments, items, partitions_for(cfg, tasks, segments), common, wfs, wroot,
                                              stats, ledger_order, info["dedup"], timings)
         ledger_order += [s.name for s in final_steps]
         # tokenizer: load, or train on a deterministic sample (first sample_mb of cleaned docs, in order)
@@ -129,6 +129,7 @@ def _dedup_segments(segments: list[Segment], items: list[dict[str, Any]], partit
         dedup_info.update(dec.info(seg.barrier))
         pre_steps = dec.steps(seg.barrier)
         timings[f"segment{si}_dedup_s"] = time.time() - t0
+        timings.update({f"segment{si}_{k}_s": v for k, v in dec.seconds.items()})  # where the barrier's time went
         files = sorted(f"{stage_dir}/{p}" for p in os.listdir(stage_dir) if p.endswith(".parquet"))
         items = dec.next_items(files)
     return items, pre_steps + segments[-1].steps

@@ -25,7 +25,7 @@ from pipelines.config import from_dict
 from pipelines.data import manifest as mf
 from pipelines.data.config import PrepConfig, PrepError
 from pipelines.data.decontam import Decontaminate
-from pipelines.data.dedup import auto_partitions
+from pipelines.data.dedup_shuffle import auto_partitions
 from pipelines.data.read import ReadTask
 from pipelines.data.step_configs import DecontamConfig, ExactDedupConfig, FuzzyDedupConfig
 from pipelines.data.steps import build_step
@@ -133,9 +133,14 @@ def work_root(cfg: PrepConfig, fs, root: str, chash: str):
     return wfs, wroot
 
 
-def partitions_for(tasks: list[ReadTask]) -> int:
-    """Dedup groupby partitions from the planned input size (decided before the data is seen)."""
-    return auto_partitions(sum(t.size for t in tasks))
+def partitions_for(cfg: PrepConfig, tasks: list[ReadTask], segments: list[Segment]) -> int:
+    """Dedup partitions: cfg.dedup_partitions, or 0 (auto): from the planned input size and the key rows
+    per document of the barriers (1 exact + `bands` fuzzy), decided before the data is seen."""
+    if cfg.dedup_partitions:
+        return cfg.dedup_partitions
+    rows = max([int(s.barrier.exact is not None) + (s.barrier.fuzzy.bands if s.barrier.fuzzy is not None else 0)
+                for s in segments if s.barrier is not None] or [1])
+    return auto_partitions(sum(t.size for t in tasks), rows)
 
 
 def runner_inputs(cfg: PrepConfig) -> dict[str, Any]:

@@ -5,7 +5,8 @@
 
 A segment's steps are fused in-process over batches of documents; every batch's per-step counts
 (rows in/out, drops by reason, seconds, chars) ride along its output as a JSON `_stats` cell. Modes:
-"work" writes the batch to a dedup work file and yields its shuffle key rows, "final" tokenizes, spills
+"work" writes the batch to a dedup work file and its shuffle key rows to a key file
+(pipelines.data.dedup_shuffle) and yields the key file's name, "final" tokenizes, spills
 the tokens per split (pipelines.data.shards.Spill) and yields one summary row (counts) for the driver's
 sink, "text" yields alive texts for the tokenizer.
 Dropped rows keep only their tombstone (text emptied) so every drop is counted at the end.
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.data.dedup import key_rows
-from pipelines.data.dedup_stage import work_file_id, work_file_name
+from pipelines.data.dedup_shuffle import key_file_name, shuffle_dir, work_file_id, work_file_name, write_key_file
 from pipelines.data.ledger import HIST_EDGES, count_drop, hist, new_entry
 from pipelines.data.plan import Barrier
 from pipelines.data.read import read_task
@@ -35,7 +36,7 @@ STRING_COLS = ("text", "drop", "doc_id", "source")
 class SegmentRunner:
     """Runs in Ray Data tasks: one item (read task or work file) -> batches through this segment's steps.
 
-    mode: "work"  -> write <work_dir>/w<order>-<k>.parquet per batch, yield one summary row per file
+    mode: "work"  -> write <work_dir>/w<order>-<k>.parquet and its key file per batch, yield the key file's name
           "final" -> tokenize, spill the tokens (spill: shards.Spill), yield one summary row per batch
           "text"  -> yield alive texts (tokenizer training sample)
     """
@@ -166,7 +167,7 @@ class SegmentRunner:
                     yield self._texts(batch, stats)
                 k += 1
             if k == 0 and self.mode == "work":
-                yield key_rows([], [], None, None, None, self.partitions, json.dumps({"steps": {}}))
+                yield _key_file_row("")
 
     @staticmethod
     def _texts(batch: dict[str, list], stats: dict[str, Any]):
@@ -183,9 +184,9 @@ class SegmentRunner:
                          "_stats": pa.array(st, pa.string())})
 
     def _write_work(self, batch: dict[str, list], stats: dict[str, Any], item: dict[str, Any], k: int):
-        """Write the batch to the stage's work dir; return its dedup key rows (the groupby input)."""
+        """Write the batch to the stage's work dir, then its dedup key rows to its key file (one row group per
+        partition: pipelines.data.dedup_shuffle); return the key file's name (the barrier's only input)."""
         import pyarrow.parquet as pq
-
 
         bar = self.barrier
         keep_sig = bar.fuzzy is not None and bar.fuzzy.verify == "signature"
@@ -195,9 +196,12 @@ class SegmentRunner:
         tmp = f"{self.work_dir}/.{name}.tmp"
         pq.write_table(table, tmp, compression="snappy")
         os.replace(tmp, path)
-        return key_rows(batch["doc_id"], batch["drop"], batch.get("_xh") if bar.exact is not None else None,
+        keys = key_rows(batch["doc_id"], batch["drop"], batch.get("_xh") if bar.exact is not None else None,
                         batch.get("_sig"), bar.fuzzy, self.partitions, json.dumps(stats),
                         work_file_id(item["order"], k))
+        key_dir = shuffle_dir(self.work_dir)
+        os.makedirs(key_dir, exist_ok=True)
+        return _key_file_row(write_key_file(keys, self.partitions, f"{key_dir}/{key_file_name(item['order'], k)}"))
 
     def _final(self, batch: dict[str, list], stats: dict[str, Any], name: str):
         import pyarrow as pa
@@ -219,6 +223,12 @@ class SegmentRunner:
             else:
                 e["rows_out"] += 1
         return pa.table({"summary": pa.array([self.spill(batch, out, stats, name)], pa.string())})
+
+
+def _key_file_row(path: str):
+    import pyarrow as pa
+
+    return pa.table({"key_file": pa.array([path], pa.string())})
 
 
 def batch_to_table(batch: dict[str, Any], drop_cols: tuple[str, ...] = ()):

@@ -15,6 +15,8 @@ from typing import Literal
 
 from pipelines.config import ConfigError
 
+MAX_DEDUP_PARTITIONS = 1024  # PrepConfig.dedup_partitions: at most this many shuffle partitions
+
 
 @dataclass
 class ExactDedupConfig:

@@ -1,6 +1,6 @@
-"""Dedup at a barrier keeps the driver small: fuzzy candidates are verified in the workers, and the driver
-receives only exact losers, verified pairs, stats rows and one count row per pair of work files, never the
-candidates or any text. The decisions equal the old driver-side path's (group_decisions + fuzzy_losers),
+"""Dedup at a barrier keeps the driver small: fuzzy candidates are verified in Ray tasks, and the driver
+receives only key-file names, one small result per barrier task and the verified pairs, never the
+candidates, the exact losers or any text. The decisions equal the old driver-side path's (group_decisions + fuzzy_losers),
 and every work file of the next segment carries only its own losers.
 
     .venv/bin/python -m pytest tests/pipelines/data/test_dedup_bounded.py -q
@@ -79,7 +79,7 @@ def test_driver_gets_verified_pairs_only(corpus, tmp_path, ray_session):
     assert sorted(dec.fuzzy) == fuzzy_old
     assert (dec.candidate_pairs, dec.verified_pairs) == (info["candidate_pairs"], info["verified_pairs"])
 
-    # what reached the driver: losers, verified pairs, stats, one count row per pair of work files
+    # what reached the driver: key-file names, one result per task, the verified pairs (bounded generously)
     assert dec.candidate_pairs >= 60 and dec.verified_pairs < dec.candidate_pairs / 2, info
     file_pairs = len(files) ** 2
     assert dec.rows_seen <= len(dec.exact) + dec.verified_pairs + len(dec.stats) + file_pairs

@@ -1,7 +1,7 @@
 """What the prep driver receives does not grow with the corpus: per-batch summaries of a fixed size (the
 tokens are spilled and packed into shards by worker tasks, byte for byte as the sequential packer and writer
-would), and at a dedup barrier one count row per work file however many duplicates there are (each work
-file's losers are written to, and read back from, its own loser file).
+would), and at a dedup barrier one key-file name per work file and one count per barrier task however
+many duplicates there are (each work file's losers are written to, and read back from, its own loser file).
 
     .venv/bin/python -m pytest tests/pipelines/data/test_prep_bounded.py -q
 """
@@ -79,9 +79,9 @@ def test_shard_tasks_write_what_the_sequential_packer_wrote(tmp_path, with_mask)
 
 
 def test_exact_dedup_sends_the_driver_counts_not_losers(tmp_path, ray_session):
-    """2,400 documents, 1,200 of them exact copies, in 6 work files: the driver gets one row per work
-    file (plus the merged stats), the next segment's items carry a reference, not doc ids, and each
-    work file's task binds exactly its own losers."""
+    """2,400 documents, 1,200 of them exact copies, in 6 work files: the driver gets one key-file name per
+    work file and one count per barrier task (plus the merged stats), the next segment's items carry a
+    reference, not doc ids, and each work file's task binds exactly its own losers."""
     import ray.data
 
     rng = random.Random(5)
@@ -107,7 +107,9 @@ def test_exact_dedup_sends_the_driver_counts_not_losers(tmp_path, ray_session):
         first.setdefault(d, f"d{i:06d}")
     losers = {f"d{i:06d}" for i, d in enumerate(docs) if first[d] != f"d{i:06d}"}
     assert len(dec.exact) == len(losers) == 2400 - len(set(docs)) and set(dec.exact) == losers
-    assert dec.rows_seen <= len(files) + 1 < len(losers) / 100  # O(work files), not O(duplicates)
+    # one key-file name per work file and one count per barrier task (2 per partition): not O(duplicates)
+    assert dec.rows_seen <= len(files) + dec.tasks and dec.tasks <= 2 * 3
+    assert dec.rows_seen < len(losers) / 50
 
     items = dec.next_items(files)
     bound = set()

@@ -1,0 +1,348 @@
+"""The dedup barrier's file-based shuffle: key files with one Parquet row group per partition, read by Ray tasks.
+
+    write_key_file(key_rows_table, partitions, path)      # in the segment's worker, next to its work file
+    rows = read_partition(key_files, p)                    # in a task: row group p of every key file
+    for i, result in run_tasks(decide_task, args, limit): ...   # plain Ray tasks, at most `limit` in flight
+
+The segment before a barrier writes, next to each work file, a *key file*: that batch's dedup key rows
+(pipelines.data.dedup.key_rows) sorted by `_part` (key % partitions), then key and doc_id, one row group per
+partition (empty ones included), so a reader of partition p reads only row group p of each file (the
+footer holds the offsets). The barrier (pipelines.data.dedup_stage) then runs plain Ray tasks, never a
+Ray Data groupby: `decide_task` per partition (decide_group: exact losers, LSH candidate pairs; the
+batches' stats rows merged on the way) writes its exact losers partitioned by group of work files and its
+candidate pairs partitioned by bucket of work-file pairs, again one row group per group / bucket;
+`exact_task` per group writes each work file's exact-loser file; `verify_task` per bucket verifies its
+candidates one pair of work files at a time (reading only those two work files) and returns only the
+verified pairs, cut to a spanning forest of their clusters (spanning_edges; cluster_losers_arrow turns
+pairs into losers). A task holds one partition, group or bucket, and one pair of work files, at a time:
+its memory is set by the partitions and the batch size, not by the corpus. Files are written atomically.
+Does not: hash documents (pipelines.data.dedup) or run the barrier's phases (pipelines.data.dedup_stage).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.data.dedup import (
+    KIND_BAND,
+    KIND_EXACT,
+    KIND_STATS,
+    decide_group,
+    doc_sets,
+    losers_path,
+    read_losers,
+    similar,
+)
+from pipelines.data.ledger import merge_stats
+from pipelines.data.step_configs import MAX_DEDUP_PARTITIONS, FuzzyDedupConfig
+from pipelines.runtime import atomic_write_bytes
+
+FILE_ID_BASE = 1_000_000  # work file w<order>-<k>.parquet has id order * FILE_ID_BASE + k
+KEY_BYTES_PER_PARTITION = 8 << 20  # the default partitions hold ~8 MB of key rows each
+KEY_ROW_BYTES = 48  # one key row in Arrow: key, doc_id (~20 chars), kind, file, _part
+DOC_BYTES_GUESS = 2048  # input bytes per document assumed when the partitions are chosen (before reading)
+
+
+def shuffle_dir(stage_dir: str) -> str:
+    """Where a stage's key files and the barrier tasks' outputs go (removed once the barrier is decided)."""
+    return f"{stage_dir}/shuffle"
+
+
+def work_file_name(order: int, k: int) -> str:
+    return f"w{order:06d}-{k:06d}.parquet"
+
+
+def key_file_name(order: int, k: int) -> str:
+    return f"k{order:06d}-{k:06d}.parquet"
+
+
+def work_file_id(order: int, k: int) -> int:
+    return order * FILE_ID_BASE + k
+
+
+def file_id_of(name: str) -> int:
+    """w000003-000001.parquet -> 3000001."""
+    order, k = name.rsplit("/", 1)[-1][1:].split(".")[0].split("-")
+    return work_file_id(int(order), int(k))
+
+
+def file_name_of(fid: int) -> str:
+    return work_file_name(fid // FILE_ID_BASE, fid % FILE_ID_BASE)
+
+
+def auto_partitions(input_bytes: int, key_rows_per_doc: int) -> int:
+    """Dedup partitions from the planned input size, decided before any document is read: ~8 MB of key rows
+    (KEY_ROW_BYTES each, key_rows_per_doc per document of DOC_BYTES_GUESS bytes) per partition, 1..1024."""
+    key_bytes = input_bytes / DOC_BYTES_GUESS * max(1, key_rows_per_doc) * KEY_ROW_BYTES
+    return int(min(MAX_DEDUP_PARTITIONS, max(1, math.ceil(key_bytes / KEY_BYTES_PER_PARTITION))))
+
+
+def _parquet_bytes(writer_fn: Callable[[Any], None], schema: pa.Schema) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, schema, compression="snappy") as w:
+        writer_fn(w)
+    return sink.getvalue().to_pybytes()
+
+
+def write_partitioned(table: pa.Table, col: str, n: int, path: str, sort_keys: Sequence[str] = ()) -> None:
+    """Write `table` to `path` with exactly n row groups: row group p holds the rows whose `col` is p (empty
+    when none), sorted by sort_keys. Atomic: readers see the whole file or none."""
+    part = table.column(col).to_numpy()
+    if part.size and (part.min() < 0 or part.max() >= n):
+        raise ValueError(f"{path}: column {col!r} must be in [0, {n}), got [{part.min()}, {part.max()}]")
+    keys = [(col, "ascending")] + [(k, "ascending") for k in sort_keys]
+    table = table.take(pc.sort_indices(table, sort_keys=keys)) if table.num_rows > 1 else table
+    counts = np.bincount(table.column(col).to_numpy(), minlength=n) if table.num_rows else np.zeros(n, np.int64)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+
+    def write(w) -> None:
+        for p in range(n):
+            c = int(counts[p])
+            w.write_table(table.slice(int(starts[p]), c), row_group_size=max(1, c))
+
+    atomic_write_bytes(path, _parquet_bytes(write, table.schema))
+
+
+def write_key_file(keys: pa.Table, partitions: int, path: str) -> str:
+    """One batch's key rows (with `_part` = key % partitions) -> a key file, one row group per partition."""
+    write_partitioned(keys, "_part", partitions, path, sort_keys=("key", "doc_id"))
+    return path
+
+
+def read_partition(paths: Sequence[str], p: int, columns: Sequence[str] | None = None) -> pa.Table | None:
+    """Row group p of every file (only its pages are read: the footer gives their offsets); None: no files."""
+    tables = [pq.ParquetFile(f).read_row_group(p, columns=list(columns) if columns else None) for f in paths]
+    return pa.concat_tables(tables) if tables else None
+
+
+def spread(ids: np.ndarray, n: int) -> np.ndarray:
+    """A deterministic hash of int64 ids -> [0, n) (work files to groups, pairs of files to buckets)."""
+    x = np.asarray(ids).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(31))) * np.uint64(0x9E3779B97F4A7C15)
+        x ^= x >> np.uint64(29)
+    return (x % np.uint64(max(1, n))).astype(np.int64)
+
+
+def pair_bucket(fa: np.ndarray, fb: np.ndarray, n: int) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return spread(spread(fa, 1 << 62).astype(np.uint64) ^ np.asarray(fb).astype(np.uint64), n)
+
+
+def write_losers(losers_dir: str, name: str, fid: int, ids) -> None:
+    """The sorted losers of one work file (atomic)."""
+    table = pa.table({"doc_id": pa.array(sorted(set(ids)), pa.string())})
+    atomic_write_bytes(losers_path(losers_dir, name, fid), _parquet_bytes(lambda w: w.write_table(table),
+                                                                           table.schema))
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+
+def run_tasks(fn: Callable[..., Any], args: Sequence[tuple], limit: int) -> Iterator[tuple[int, Any]]:
+    """fn(*a) for every a in args as Ray tasks (1 CPU each), at most `limit` in flight; yields (index, result)
+    as they finish. A result is fetched once and its reference dropped at once (the object store frees it)."""
+    import ray
+
+    remote = ray.remote(num_cpus=1)(fn)
+    pending: dict[Any, int] = {}
+    todo = iter(enumerate(args))
+    while True:
+        while len(pending) < max(1, limit):
+            nxt = next(todo, None)
+            if nxt is None:
+                break
+            pending[remote.remote(*nxt[1])] = nxt[0]
+        if not pending:
+            return
+        done, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(done[0])
+        result = ray.get(done[0])
+        del done
+        yield i, result
+
+
+def decide_task(key_files: list[str], p: int, max_bucket: int, n_groups: int, n_buckets: int,
+                out_dir: str) -> dict[str, Any]:
+    """Partition p: row group p of every key file -> decide_group -> exact losers to exact-<p>.parquet (one
+    row group per group of work files), candidate pairs to cand-<p>.parquet (one per bucket of work-file
+    pairs; written when n_buckets > 0). Returns counts and the partition's stats rows merged."""
+    merged: dict[str, Any] = {"steps": {}}
+    n_stats = 0
+    parts = []
+    for f in key_files:
+        t = pq.ParquetFile(f).read_row_group(p)
+        st = t.column("kind").to_numpy() == KIND_STATS
+        if st.any():
+            for js in t.column("doc_id").filter(pa.array(st)).to_pylist():
+                merge_stats(merged, json.loads(js))
+                n_stats += 1
+            t = t.filter(pa.array(~st))
+        parts.append(t)
+    keys = pa.concat_tables(parts) if parts else None
+    del parts
+    dec = decide_group(keys, max_bucket) if keys is not None and keys.num_rows else decide_group(_no_keys())
+    del keys
+    kind = dec.column("kind").to_numpy()
+    ex = dec.filter(pa.array(kind == KIND_EXACT)).select(["a", "fa"])
+    ex = ex.append_column("_g", pa.array(spread(ex.column("fa").to_numpy(), n_groups)))
+    write_partitioned(ex, "_g", n_groups, f"{out_dir}/exact-{p:05d}.parquet", sort_keys=("fa", "a"))
+    cand = dec.filter(pa.array(kind == KIND_BAND)).select(["a", "b", "fa", "fb"])
+    if n_buckets:
+        cand = cand.append_column("_v", pa.array(pair_bucket(cand.column("fa").to_numpy(),
+                                                             cand.column("fb").to_numpy(), n_buckets)))
+        write_partitioned(cand, "_v", n_buckets, f"{out_dir}/cand-{p:05d}.parquet", sort_keys=("fa", "fb", "a", "b"))
+    return {"exact": ex.num_rows, "cand": cand.num_rows, "stats": json.dumps(merged) if n_stats else ""}
+
+
+def _no_keys() -> pa.Table:
+    return pa.table({"key": pa.array([], pa.uint64()), "doc_id": pa.array([], pa.string()),
+                     "kind": pa.array([], pa.int8()), "file": pa.array([], pa.int64())})
+
+
+def _runs(*cols: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of the runs of equal values over sorted columns."""
+    n = cols[0].size
+    if n == 0:
+        return []
+    change = np.zeros(n, dtype=bool)
+    change[0] = True
+    for c in cols:
+        change[1:] |= c[1:] != c[:-1]
+    starts = np.flatnonzero(change)
+    return list(zip(starts.tolist(), np.append(starts[1:], n).tolist()))
+
+
+def exact_task(exact_files: list[str], g: int, losers_dir: str) -> int:
+    """Group g of work files: its exact losers from every partition -> one loser file per work file."""
+    t = read_partition(exact_files, g, ["a", "fa"])
+    if t is None or not t.num_rows:
+        return 0
+    t = t.sort_by([("fa", "ascending"), ("a", "ascending")])
+    fa = t.column("fa").to_numpy()
+    n = 0
+    for s, e in _runs(fa):
+        ids = t.column("a").slice(s, e - s).to_pylist()
+        write_losers(losers_dir, "exact_dedup", int(fa[s]), ids)
+        n += len(set(ids))
+    return n
+
+
+def verify_task(cand_files: list[str], v: int, cfg: FuzzyDedupConfig, stage_dir: str,
+                losers_dir: str) -> tuple[pa.Table, int, int]:
+    """Bucket v: its candidate pairs from every partition, unique, one pair of work files (fa, fb) at a time:
+    pairs with an exact loser left out (its winner has the same buckets), the rest verified. A work file fa
+    is read once for all its pairs here, then each fb for its own; so a task holds at most two work files'
+    documents. Returns the verified pairs reduced to a spanning forest (spanning_edges: the same connected
+    components, one edge per member that is not its component's smallest doc_id), the number of candidates
+    checked and the number of pairs verified."""
+    t = read_partition(cand_files, v, ["a", "b", "fa", "fb"])
+    empty = pa.table({"a": pa.array([], pa.string()), "b": pa.array([], pa.string()),
+                      "fa": pa.array([], pa.int64()), "fb": pa.array([], pa.int64())})
+    if t is None or not t.num_rows:
+        return empty, 0, 0
+    t = t.group_by(["fa", "fb", "a", "b"], use_threads=False).aggregate([])
+    t = t.sort_by([("fa", "ascending"), ("fb", "ascending"), ("a", "ascending"), ("b", "ascending")])
+    fa = t.column("fa").to_numpy()
+    out, n_cand = [], 0
+    for s, e in _runs(fa):
+        ver, n = _verify_file(t.slice(s, e - s), cfg, stage_dir, losers_dir)
+        n_cand += n
+        out += [ver] if ver.num_rows else []
+    ver = pa.concat_tables(out) if out else empty
+    return spanning_edges(ver), n_cand, ver.num_rows
+
+
+def _verify_file(t: pa.Table, cfg: FuzzyDedupConfig, stage_dir: str, losers_dir: str) -> tuple[pa.Table, int]:
+    """The unique candidates whose first document is in one work file f1, sorted by fb -> the verified ones."""
+    f1 = int(t.column("fa")[0].as_py())
+    fb = t.column("fb").to_numpy()
+    a, b = t.column("a").to_pylist(), t.column("b").to_pylist()
+    gone1 = set(read_losers(losers_dir, "exact_dedup", f1))
+    groups = []  # (f2, pairs without exact losers)
+    for s, e in _runs(fb):
+        f2 = int(fb[s])
+        gone = gone1 | set(read_losers(losers_dir, "exact_dedup", f2)) if f2 != f1 else gone1
+        pairs = [(x, y) for x, y in zip(a[s:e], b[s:e]) if x not in gone and y not in gone]
+        groups.append((f2, pairs))
+    path = os.path.join(stage_dir, file_name_of(f1))
+    need = {x for _, ps in groups for x, _ in ps} | {y for f2, ps in groups if f2 == f1 for _, y in ps}
+    sets1 = doc_sets([path], need, cfg)  # f1 read once for all its pairs
+    keep_a, keep_b, keep_f = [], [], []
+    for f2, pairs in groups:
+        sets2 = sets1 if f2 == f1 else \
+            doc_sets([os.path.join(stage_dir, file_name_of(f2))], {y for _, y in pairs}, cfg)
+        for x, y in pairs:
+            if similar(sets1[x], sets2[y], cfg):
+                keep_a.append(x)
+                keep_b.append(y)
+                keep_f.append(f2)
+    n = len(keep_a)
+    return pa.table({"a": pa.array(keep_a, pa.string()), "b": pa.array(keep_b, pa.string()),
+                     "fa": pa.array(np.full(n, f1, np.int64)), "fb": pa.array(np.array(keep_f, np.int64))}), \
+        sum(len(p) for _, p in groups)
+
+
+# ----------------------------------------------------------------------------------------------- clusters
+
+def _components(pairs: pa.Table) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
+    """Connected components of the pairs (a, b, fa, fb) by vectorised min-label propagation over integer node
+    ranks (rank = doc_id order, so a component's label is its smallest doc_id's rank). Returns the unique
+    doc_ids (first-seen order), `order` (rank -> index into them), the label of every rank and its work file."""
+    # unique doc_ids (first-seen order) and each end's index among them: hash tables over the unique ids
+    # only, no copy of the 2 x pairs ends
+    nodes = pc.unique(pa.chunked_array(pairs.column("a").chunks + pairs.column("b").chunks))
+    rank = np.empty(len(nodes), np.int64)
+    order = pc.sort_indices(nodes).to_numpy()  # UTF-8 byte order == code point order == Python's str order
+    rank[order] = np.arange(len(nodes))
+    e = np.concatenate([rank[pc.index_in(pairs.column(c), value_set=nodes).to_numpy()] for c in ("a", "b")])
+    del rank
+    u, v = e[:pairs.num_rows], e[pairs.num_rows:]
+    label = np.arange(len(nodes), dtype=np.int64)  # by rank
+    while True:
+        m = np.minimum(label[u], label[v])
+        new = label.copy()
+        np.minimum.at(new, u, m)
+        np.minimum.at(new, v, m)
+        while True:  # pointer jumping: a label's own label is at least as small
+            nxt = new[new]
+            if (nxt == new).all():
+                break
+            new = nxt
+        if (new == label).all():
+            break
+        label = new
+    file_of = np.empty(len(nodes), np.int64)
+    file_of[e] = np.concatenate([pairs.column("fa").to_numpy(), pairs.column("fb").to_numpy()])
+    return nodes, order, label, file_of
+
+
+def cluster_losers_arrow(pairs: pa.Table | None) -> tuple[pa.Array, np.ndarray]:
+    """dedup.cluster_losers on Arrow columns (a, b, fa, fb): every member of a connected component but its
+    smallest doc_id (an Arrow string array) and its work file id."""
+    if pairs is None or pairs.num_rows == 0:
+        return pa.array([], pa.string()), np.zeros(0, np.int64)
+    nodes, order, label, file_of = _components(pairs)
+    lose = np.flatnonzero(label != np.arange(len(nodes)))  # ranks that are not their component's minimum
+    return nodes.take(pa.array(order[lose])), file_of[lose]
+
+
+def spanning_edges(pairs: pa.Table) -> pa.Table:
+    """Pairs (a, b, fa, fb) -> one pair (smallest doc_id of the component, member) per other member: the same
+    components (and losers) from at most as many rows; near-duplicate clusters verified as stars and chains
+    shrink about 2x."""
+    if pairs.num_rows == 0:
+        return pairs
+    nodes, order, label, file_of = _components(pairs)
+    lose = np.flatnonzero(label != np.arange(len(nodes)))
+    root = label[lose]
+    return pa.table({"a": nodes.take(pa.array(order[root])), "b": nodes.take(pa.array(order[lose])),
+                     "fa": pa.array(file_of[root]), "fb": pa.array(file_of[lose])})

@@ -1,0 +1,193 @@
+"""The dedup barrier's file-based shuffle: key files hold one Parquet row group per partition and a reader
+of partition p gets exactly that partition's rows; the decisions (and the prep's shards, byte for byte) do
+not depend on the number of partitions or tasks in flight; the driver receives key-file names, one result
+per barrier task and the verified pairs, nothing that grows with the key rows; a bad dedup_partitions
+is refused in one line.
+
+    .venv/bin/python -m pytest tests/pipelines/data/test_dedup_shuffle.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.config import ConfigError, from_dict
+from pipelines.data import PrepConfig, run
+from pipelines.data.config import InputSpec
+from pipelines.data.dedup import ExactDedupConfig, FuzzyDedupConfig, Signatures, key_rows
+from pipelines.data.dedup_shuffle import (
+    auto_partitions,
+    cluster_losers_arrow,
+    read_partition,
+    spanning_edges,
+    write_key_file,
+)
+from pipelines.data.dedup_stage import decide_barrier, work_file_id, work_file_name
+from pipelines.data.manifest import shard_paths
+from pipelines.data.plan import Barrier
+from pipelines.data.runner import batch_to_table
+
+pytestmark = pytest.mark.slow
+
+FUZZY = FuzzyDedupConfig(ngram_size=2, threshold=0.9)
+BAR = Barrier(exact=ExactDedupConfig(), fuzzy=FUZZY, order=["exact_dedup", "fuzzy_dedup"])
+
+
+def _edit(text: str, frac: float, rng: random.Random) -> str:
+    words = text.split()
+    for i in rng.sample(range(len(words)), max(1, int(len(words) * frac))):
+        words[i] = rng.choice(["river", "lantern", "copper", "meadow"])
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_data):
+    """80 BBC articles + 30 near copies (2-5% of words edited) + 10 exact copies, shuffled."""
+    rng = random.Random(3)
+    docs = [json.loads(l)["article"] for l in (shared_data / "bbc-news-summary/bbc_news_summary.jsonl").open()][:80]
+    ids = [f"doc{i:04d}" for i in range(len(docs))]
+    for j, src in enumerate(rng.sample(range(80), 30)):
+        docs.append(_edit(docs[src], rng.uniform(0.02, 0.05), rng))
+        ids.append(f"near{j:04d}")
+    for j, src in enumerate(rng.sample(range(80), 10)):
+        docs.append(docs[src])
+        ids.append(f"copy{j:04d}")
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    return [ids[i] for i in order], [docs[i] for i in order]
+
+
+def _stage(ids, docs, stage_dir, partitions, per_file=20):
+    """What the segment before a barrier writes: work files and their key rows (one table per file)."""
+    import ray.data
+
+    sigs = Signatures(BAR.exact, BAR.fuzzy)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    files, tables = [], []
+    for order, s in enumerate(range(0, len(ids), per_file)):
+        n = len(ids[s:s + per_file])
+        batch = sigs({"text": docs[s:s + per_file], "drop": [""] * n, "doc_id": ids[s:s + per_file],
+                      "source": ["t"] * n})
+        f = stage_dir / work_file_name(order, 0)
+        pq.write_table(batch_to_table(batch, drop_cols=("_xh", "_sig")), f)
+        files.append(str(f))
+        tables.append(key_rows(batch["doc_id"], batch["drop"], batch["_xh"], batch["_sig"], FUZZY, partitions,
+                               json.dumps({"steps": {}}), work_file_id(order, 0)))
+    return files, ray.data.from_arrow(tables), tables
+
+
+def test_a_key_file_has_one_row_group_per_partition(corpus, tmp_path):
+    ids, docs = corpus
+    _, _, tables = _stage(ids[:40], docs[:40], tmp_path / "stage", partitions=5)
+    paths = [write_key_file(t, 5, str(tmp_path / f"k{i}.parquet")) for i, t in enumerate(tables)]
+    for path, t in zip(paths, tables):
+        pf = pq.ParquetFile(path)
+        assert pf.num_row_groups == 5
+        assert [pf.metadata.row_group(p).num_rows for p in range(5)] == \
+            np.bincount(t.column("_part").to_numpy(), minlength=5).tolist()
+    for p in range(5):
+        got = read_partition(paths, p)
+        assert set(got.column("_part").to_pylist()) <= {p}
+        want = sorted((r["key"], r["doc_id"]) for t in tables for r in t.to_pylist() if r["_part"] == p)
+        assert sorted(zip(got.column("key").to_pylist(), got.column("doc_id").to_pylist())) == want
+        one = pq.ParquetFile(paths[0]).read_row_group(p)  # sorted by key, then doc_id, inside a row group
+        pairs = list(zip(one.column("key").to_pylist(), one.column("doc_id").to_pylist()))
+        assert pairs == sorted(pairs)
+    assert sum(read_partition(paths, p).num_rows for p in range(5)) == sum(t.num_rows for t in tables)
+
+
+def _losers(stage_dir) -> dict[str, bytes]:
+    d = stage_dir / "losers"
+    return {p: (d / p).read_bytes() for p in sorted(os.listdir(d))}
+
+
+def test_decisions_do_not_depend_on_partitions_or_tasks(corpus, tmp_path, ray_session):
+    ids, docs = corpus
+    runs = {}
+    for partitions, limit in ((1, 1), (7, 0), (3, 2)):
+        stage = tmp_path / f"p{partitions}"
+        files, key_ds, _ = _stage(ids, docs, stage, partitions)
+        dec = decide_barrier(BAR, key_ds, partitions, str(stage), limit=limit)
+        runs[partitions] = (dec, _losers(stage))
+        assert not (stage / "shuffle").exists()  # the shuffle files are gone once the barrier is decided
+    (d1, l1), (d7, l7), (d3, l3) = runs[1], runs[7], runs[3]
+    assert len(d1.exact) == 10 and len(d1.fuzzy) >= 8, d1.info(BAR)
+    assert l1 == l7 == l3  # the same loser files, byte for byte
+    assert d1.info(BAR) == d7.info(BAR) == d3.info(BAR)
+    # 6 work files. decide: one per partition; exact: one per group of work files (<= partitions); verify:
+    # one per bucket of work-file pairs (<= max(partitions, tasks in flight))
+    assert (d1.tasks, d7.tasks, d3.tasks) == (1 + 1 + 1, 7 + 6 + 6, 3 + 3 + 3)
+
+
+def test_the_driver_receives_names_task_results_and_verified_pairs(corpus, tmp_path, ray_session):
+    ids, docs = corpus
+    stage = tmp_path / "stage"
+    files, key_ds, tables = _stage(ids, docs, stage, 4)
+    dec = decide_barrier(BAR, key_ds, 4, str(stage))
+    key_row_count = sum(t.num_rows for t in tables)
+    # one key-file name per work file, one result per task, the verified pairs (cut to a spanning forest)
+    assert len(files) + dec.tasks < dec.rows_seen <= len(files) + dec.tasks + dec.verified_pairs
+    assert dec.tasks <= 4 + 2 * len(files)
+    assert dec.rows_seen < key_row_count / 10 and dec.rows_seen < dec.candidate_pairs + len(dec.exact)
+    items = dec.next_items(files)
+    for it in items:  # a reference to the loser files travels, never doc ids
+        assert len(json.dumps(it, default=lambda o: o.to_json())) < 300
+
+
+def test_prep_shards_are_identical_for_any_dedup_partitions(corpus, tmp_path, ray_session):
+    ids, docs = corpus
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = {}
+    for parts in (1, 6):
+        cfg = from_dict(PrepConfig, {
+            "output": str(tmp_path / f"out{parts}"), "inputs": [{"path": str(src)}], "progress": False,
+            "steps": [{"name": "exact_dedup"}, {"name": "fuzzy_dedup", "params": {"ngram_size": 2, "threshold": 0.9}}],
+            "read": {"batch_rows": 16}, "tokenizer": {"kind": "char"}, "pack": {"block_size": 64},
+            "dedup_partitions": parts})
+        m = run(cfg)
+        paths = shard_paths(m, "train") + shard_paths(m, "val")
+        out[parts] = (m["dedup"], m["config_hash"], [open(p, "rb").read() for p in paths])
+    assert out[1] == out[6]
+    assert out[1][0]["exact_dedup"] == {"duplicates": 10} and out[1][0]["fuzzy_dedup"]["near_duplicates"] >= 8
+
+
+@pytest.mark.parametrize("bad", [-1, 1025, 2.5])
+def test_a_bad_dedup_partitions_is_refused_in_one_line(tmp_path, bad):
+    with pytest.raises(ConfigError) as e:
+        PrepConfig(output=str(tmp_path), inputs=[InputSpec(path="x.txt")], dedup_partitions=bad)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("dedup_partitions: must be") and repr(bad) in msg and "e.g." in msg
+
+
+def test_default_partitions_follow_the_input_size():
+    rows = 1 + FUZZY.bands  # exact + one per band
+    assert auto_partitions(0, rows) == 1 and auto_partitions(10 << 40, rows) == 1024
+    small, big = auto_partitions(64 << 20, rows), auto_partitions(1 << 30, rows)
+    assert 1 <= small < big < 1024 and 12 <= big // small <= 20  # ~proportional: ~8 MB of key rows each
+
+
+def test_a_spanning_forest_keeps_the_clusters():
+    """What a verify task returns: one edge per member to its cluster's smallest doc_id, the same losers."""
+    import pyarrow as pa
+
+    rng = random.Random(5)
+    ids = [f"{rng.choice('abc')}{k:04d}" for k in range(600)]
+    file_of = {d: rng.randrange(9) for d in ids}
+    pairs = sorted({tuple(sorted(rng.sample(ids[:300], 2))) for _ in range(700)})
+    t = pa.table({"a": [p[0] for p in pairs], "b": [p[1] for p in pairs],
+                  "fa": [file_of[p[0]] for p in pairs], "fb": [file_of[p[1]] for p in pairs]})
+    forest = spanning_edges(t)
+    losers, files = cluster_losers_arrow(t)
+    assert forest.num_rows == len(losers) < t.num_rows
+    assert sorted(forest.column("b").to_pylist()) == sorted(losers.to_pylist())
+    assert all(a < b and file_of[a] == fa and file_of[b] == fb for a, b, fa, fb in
+               zip(*(forest.column(c).to_pylist() for c in ("a", "b", "fa", "fb"))))
+    f_losers, f_files = cluster_losers_arrow(forest)
+    assert sorted(zip(f_losers.to_pylist(), f_files.tolist())) == sorted(zip(losers.to_pylist(), files.tolist()))
