@@ -51,8 +51,11 @@ _BUILD_CPU_ADAM = ("from deepspeed.ops.op_builder import CPUAdamBuilder\n"
                    "CPUAdamBuilder().load(verbose=False)\n")
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: `make test-fast` builds nothing
 def pytest_collection_modifyitems(session, config, items):
-    if any(item.get_closest_marker("cpu_adam") for item in items) and not _PREBUILD:
+    if config.option.collectonly or _PREBUILD:
+        return
+    if any(item.get_closest_marker("cpu_adam") for item in items):
         env = {**os.environ, "MAX_JOBS": "1"}  # one compiler at a time: the tests keep the other core
         _PREBUILD.append(subprocess.Popen(
             ["nice", "-n", "19", sys.executable, "-c", _BUILD_CPU_ADAM], env=env, cwd=REPO,
