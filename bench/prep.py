@@ -273,15 +273,22 @@ def run_scale(args: argparse.Namespace, variants: list[str], d: Path) -> None:
         mbs = size / MB
         for v in variants:
             cfg = write_config(sd, v, corpus, tok_path)
-            rs = [run_pipeline(cfg) for _ in range(args.repeats)]
+            rs, phases = [], []
+            for _ in range(args.repeats):
+                rs.append(run_pipeline(cfg))
+                phases.append(_barrier_phases(sd / f"out-{v}" / "timings.json"))
             wall = statistics.median(r["wall"] for r in rs)
             rss = {k: statistics.median(r["rss"][k] for r in rs) / MB for k in rs[0]["rss"]}
             tree = statistics.median(r["peak_rss"] for r in rs) / MB
-            rows.append({"scale": sc, "mb": mbs, "variant": v, "wall": wall, "mb_s": mbs / wall, "tree": tree, **rss})
+            ph = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]}
+            rows.append({"scale": sc, "mb": mbs, "variant": v, "wall": wall, "mb_s": mbs / wall, "tree": tree,
+                         "phases": ph, **rss})
             print(f"x{sc:g} ({mbs:.1f} MB) {v}: {wall:.1f}s wall, {mbs / wall:.2f} MB/s, peak RSS MiB: driver "
                   f"{rss['driver']:.0f}, largest worker {rss['worker']:.0f}, all workers {rss['workers']:.0f}, "
                   f"other Ray {rss['other']:.0f}, whole tree {tree:.0f}; without shared pages: driver "
                   f"{rss.get('driver_private', 0):.0f}, largest worker {rss.get('worker_private', 0):.0f}", flush=True)
+            if ph:
+                print("  dedup barrier phases (s): " + ", ".join(f"{k} {x:.1f}" for k, x in ph.items()), flush=True)
         shutil.rmtree(sd, ignore_errors=True)
     load_end = _uptime()
     print(f"end: {load_end}", flush=True)
@@ -296,6 +303,18 @@ def run_scale(args: argparse.Namespace, variants: list[str], d: Path) -> None:
         write_scale_md(rows, argv, load_start, load_end)
 
 
+def _barrier_phases(path: Path) -> dict[str, float]:
+    """The dedup barrier's phases from a run's timings.json (segment<i>_<phase>_s, summed over barriers)."""
+    if not path.exists():
+        return {}
+    out: dict[str, float] = {}
+    for k, x in json.loads(path.read_text()).get("timings", {}).items():
+        m = re.fullmatch(r"segment\d+_(\w+?)_s", k)
+        if m and isinstance(x, (int, float)):
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(x)
+    return out
+
+
 def write_scale_md(rows: list[dict], argv: str, load_start: str, load_end: str) -> None:
     path = REPO / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -304,6 +323,12 @@ def write_scale_md(rows: list[dict], argv: str, load_start: str, load_end: str) 
     for r in rows:
         table.append(f"| `{r['variant']}` | {r['mb']:.0f} | {r['wall']:.1f} | {r['mb_s']:.2f} | {r['driver']:.0f} | "
                      f"{r['worker']:.0f} | {r['workers']:.0f} | {r['other']:.0f} | {r['tree']:.0f} |")
+    names = list(dict.fromkeys(k for r in rows for k in r.get("phases", {})))
+    if names:
+        table += ["", "Where the dedup barrier's time goes (s, from each run's timings.json):", "",
+                  "| variant | input MB | " + " | ".join(names) + " |", "| --- | ---: |" + " ---: |" * len(names)]
+        table += [f"| `{r['variant']}` | {r['mb']:.0f} | " + " | ".join(f"{r['phases'].get(k, 0):.1f}" for k in names)
+                  + " |" for r in rows]
     section = "\n".join([
         "## Data prep at scale", "",
         f"Command: `.venv/bin/python bench/prep.py {argv}`. Peak RSS per process sampled with psutil every 50 ms "

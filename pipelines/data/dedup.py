@@ -265,28 +265,28 @@ def key_rows(doc_ids: list[str], drops: list[str], xh: np.ndarray | None, sig: n
 def decide_group(tbl, max_bucket: int = 5000):
     """One groupby partition -> rows (kind, a, b): kind 0 = exact loser a; kind 1 = candidate pair a < b;
     kind 2 = stats passed through. Exact: within an equal-hash run every doc_id but the smallest loses.
-    Buckets with >= 2 documents: the smallest member pairs with every other one, plus consecutive pairs."""
+    Buckets with >= 2 documents: the smallest member pairs with every other one, plus consecutive pairs.
+    Works on integer codes of the doc_ids (dictionary_encode), not Python strings: the ids are taken back
+    from the Arrow dictionary only for the rows written."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     kind = tbl.column("kind").to_numpy()
     if "file" not in tbl.column_names:
         tbl = tbl.append_column("file", pa.array(np.full(tbl.num_rows, -1, np.int64)))
-    out_k, out_a, out_b, out_fa, out_fb = [], [], [], [], []
+    parts: list[pa.Table] = []
     st = tbl.filter(pa.array(kind == KIND_STATS))
     if st.num_rows:
-        out_a.append(st.column("doc_id").to_numpy(zero_copy_only=False))
-        out_b.append(np.full(st.num_rows, "", dtype=object))
-        out_k.append(np.full(st.num_rows, KIND_STATS, np.int8))
-        out_fa.append(np.full(st.num_rows, -1, np.int64))
-        out_fb.append(np.full(st.num_rows, -1, np.int64))
+        parts.append(_rows(KIND_STATS, st.column("doc_id"), pa.array([""] * st.num_rows, pa.string()),
+                           np.full(st.num_rows, -1, np.int64), np.full(st.num_rows, -1, np.int64)))
     for kd in (KIND_EXACT, KIND_BAND):
         t = tbl.filter(pa.array(kind == kd))
         if t.num_rows < 2:
             continue
         t = t.take(pc.sort_indices(t, sort_keys=[("key", "ascending"), ("doc_id", "ascending")]))
         k = t.column("key").to_numpy()
-        ids = t.column("doc_id").to_numpy(zero_copy_only=False)
+        enc = pc.dictionary_encode(t.column("doc_id")).combine_chunks()
+        names, code = enc.dictionary, enc.indices.to_numpy().astype(np.int64)  # equal ids <=> equal codes
         fid = t.column("file").to_numpy()
         newrun = np.concatenate(([True], k[1:] != k[:-1]))
         run_id = np.cumsum(newrun) - 1
@@ -295,54 +295,50 @@ def decide_group(tbl, max_bucket: int = 5000):
         pos = np.arange(k.size) - run_start[run_id]
         member = pos > 0  # not the smallest doc_id of its run
         if kd == KIND_EXACT:
-            lose = ids[member]
-            out_a.append(lose)
-            out_b.append(np.full(lose.size, "", dtype=object))
-            out_k.append(np.full(lose.size, KIND_EXACT, np.int8))
-            out_fa.append(fid[member])
-            out_fb.append(np.full(lose.size, -1, np.int64))
+            n = int(member.sum())
+            parts.append(_rows(KIND_EXACT, names.take(pa.array(code[member])), pa.array([""] * n, pa.string()),
+                               fid[member], np.full(n, -1, np.int64)))
             continue
         first = run_start[run_id[member]]
         chain = member & (pos > 1) & (run_len[run_id] <= max_bucket)
         ci = np.flatnonzero(chain)
-        ia = np.concatenate([first, ci - 1])
+        ia = np.concatenate([first, ci - 1])  # sorted by doc_id inside a run: id[ia] <= id[ib]
         ib = np.concatenate([np.flatnonzero(member), ci])
-        diff = ids[ia] != ids[ib]  # a document repeated inside one bucket (cannot happen; be safe)
-        a, b, fa, fb = _unique_pairs(ids[ia][diff], ids[ib][diff], fid[ia][diff], fid[ib][diff])
-        out_a.append(a)
-        out_b.append(b)
-        out_k.append(np.full(a.size, KIND_BAND, np.int8))
-        out_fa.append(fa)
-        out_fb.append(fb)
-    return _decision_table(out_k, out_a, out_b, out_fa, out_fb)
+        diff = code[ia] != code[ib]  # a document repeated inside one bucket (cannot happen; be safe)
+        ca, cb, fa, fb = _unique_pairs(code[ia][diff], code[ib][diff], fid[ia][diff], fid[ib][diff])
+        parts.append(_rows(KIND_BAND, names.take(pa.array(ca)), names.take(pa.array(cb)), fa, fb))
+    return _decision_table(parts)
 
 
 def _unique_pairs(a: np.ndarray, b: np.ndarray, fa: np.ndarray, fb: np.ndarray):
-    """One row per candidate pair: the bands of one partition that agree on a pair emit it once (near
-    duplicates share most bands, so this shrinks what the verification shuffle moves several times)."""
-    import pyarrow as pa
-
+    """One row per candidate pair (integer codes a, b), each pair's smallest work files: the bands of one
+    partition that agree on a pair emit it once (near duplicates share most bands, so this shrinks what the
+    verification shuffle moves several times)."""
     if a.size < 2:
         return a, b, fa, fb
-    t = pa.table({"a": pa.array(a.tolist(), pa.string()), "b": pa.array(b.tolist(), pa.string()),
-                  "fa": pa.array(fa.astype(np.int64)), "fb": pa.array(fb.astype(np.int64))})
-    u = t.group_by(["a", "b"], use_threads=False).aggregate([("fa", "min"), ("fb", "min")])
-    return (u.column("a").to_numpy(zero_copy_only=False), u.column("b").to_numpy(zero_copy_only=False),
-            u.column("fa_min").to_numpy(), u.column("fb_min").to_numpy())
+    order = np.lexsort((b, a))
+    a, b, fa, fb = a[order], b[order], fa[order], fb[order]
+    new = np.concatenate(([True], (a[1:] != a[:-1]) | (b[1:] != b[:-1])))
+    starts = np.flatnonzero(new)
+    return a[starts], b[starts], np.minimum.reduceat(fa, starts), np.minimum.reduceat(fb, starts)
 
 
-def _decision_table(out_k, out_a, out_b, out_fa, out_fb):
+def _rows(kind: int, a, b, fa: np.ndarray, fb: np.ndarray):
     import pyarrow as pa
 
-    if not out_k:
+    return pa.table({"kind": pa.array(np.full(len(a), kind, np.int8)), "a": a.cast(pa.string()),
+                     "b": b.cast(pa.string()), "fa": pa.array(np.asarray(fa).astype(np.int64)),
+                     "fb": pa.array(np.asarray(fb).astype(np.int64))})
+
+
+def _decision_table(parts):
+    import pyarrow as pa
+
+    if not parts:
         return pa.table({"kind": pa.array([], pa.int8()), "a": pa.array([], pa.string()),
                          "b": pa.array([], pa.string()), "fa": pa.array([], pa.int64()),
                          "fb": pa.array([], pa.int64())})
-    return pa.table({"kind": pa.array(np.concatenate(out_k), pa.int8()),
-                     "a": pa.array(np.concatenate(out_a).tolist(), pa.string()),
-                     "b": pa.array(np.concatenate(out_b).tolist(), pa.string()),
-                     "fa": pa.array(np.concatenate(out_fa).astype(np.int64)),
-                     "fb": pa.array(np.concatenate(out_fb).astype(np.int64))})
+    return pa.concat_tables(parts)
 
 
 def group_decisions(key_ds, partitions: int, max_bucket: int = 5000):

@@ -9,13 +9,15 @@ The segment before a barrier writes, next to each work file, a *key file*: that 
 partition (empty ones included), so a reader of partition p reads only row group p of each file (the
 footer holds the offsets). The barrier (pipelines.data.dedup_stage) then runs plain Ray tasks, never a
 Ray Data groupby: `decide_task` per partition (decide_group: exact losers, LSH candidate pairs; the
-batches' stats rows merged on the way) writes its exact losers partitioned by group of work files and its
-candidate pairs partitioned by bucket of work-file pairs, again one row group per group / bucket;
-`exact_task` per group writes each work file's exact-loser file; `verify_task` per bucket verifies its
-candidates one pair of work files at a time (reading only those two work files) and returns only the
-verified pairs, cut to a spanning forest of their clusters (spanning_edges; cluster_losers_arrow turns
-pairs into losers). A task holds one partition, group or bucket, and one pair of work files, at a time:
-its memory is set by the partitions and the batch size, not by the corpus. Files are written atomically.
+batches' stats rows merged on the way) writes its exact losers partitioned by group of work files, its
+candidate pairs partitioned by bucket (doc_bucket of the pair's first doc_id) and the pairs' two ends
+(doc, work file, bucket) partitioned by group of work files, one row group per group / bucket;
+`exact_task` per group writes each work file's exact-loser file; `sets_task` per group reads each of its
+work files once and writes the set of every needed document (not an exact loser) to the buckets that need
+it; `verify_task` per bucket joins its pairs with those sets and returns only the verified pairs, cut to a
+spanning forest of their clusters (spanning_edges; cluster_losers_arrow turns pairs into losers). A task
+holds one partition, group or bucket, and one work file, at a time: its memory is set by the partitions and
+the batch size, not by the corpus, and every work file is decoded once. Files are written atomically.
 Does not: hash documents (pipelines.data.dedup) or run the barrier's phases (pipelines.data.dedup_stage).
 """
 
@@ -133,9 +135,28 @@ def spread(ids: np.ndarray, n: int) -> np.ndarray:
     return (x % np.uint64(max(1, n))).astype(np.int64)
 
 
-def pair_bucket(fa: np.ndarray, fb: np.ndarray, n: int) -> np.ndarray:
+def doc_bucket(ids: pa.Array | pa.ChunkedArray, n: int) -> np.ndarray:
+    """A deterministic hash of doc_id strings -> [0, n): a polynomial hash of each id's UTF-8 bytes, computed
+    on the Arrow buffers (no Python object per id), then spread."""
+    arr = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    arr = arr.cast(pa.large_string())
+    if len(arr) == 0:
+        return np.zeros(0, np.int64)
+    if arr.offset:
+        arr = pa.concat_arrays([arr])  # a fresh array: offsets start at the first id
+    offsets = np.frombuffer(arr.buffers()[1], np.int64)[:len(arr) + 1]
+    data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].astype(np.uint64) \
+        if offsets[-1] > offsets[0] else np.zeros(0, np.uint64)
+    starts, lens = offsets[:-1] - offsets[0], np.diff(offsets)
+    pos = np.arange(data.size) - np.repeat(starts, lens)  # position of each byte inside its id
     with np.errstate(over="ignore"):
-        return spread(spread(fa, 1 << 62).astype(np.uint64) ^ np.asarray(fb).astype(np.uint64), n)
+        powers = np.uint64(1099511628211) ** np.arange(int(lens.max()) + 1 if lens.size else 1, dtype=np.uint64)
+        weighted = (data + np.uint64(1)) * powers[pos]
+    h = np.zeros(len(arr), np.uint64)
+    nz = lens > 0
+    if nz.any():
+        h[nz] = np.add.reduceat(weighted, starts[nz])
+    return spread(h.view(np.int64) if h.size else h.astype(np.int64), n)
 
 
 def write_losers(losers_dir: str, name: str, fid: int, ids) -> None:
@@ -173,8 +194,10 @@ def run_tasks(fn: Callable[..., Any], args: Sequence[tuple], limit: int) -> Iter
 def decide_task(key_files: list[str], p: int, max_bucket: int, n_groups: int, n_buckets: int,
                 out_dir: str) -> dict[str, Any]:
     """Partition p: row group p of every key file -> decide_group -> exact losers to exact-<p>.parquet (one
-    row group per group of work files), candidate pairs to cand-<p>.parquet (one per bucket of work-file
-    pairs; written when n_buckets > 0). Returns counts and the partition's stats rows merged."""
+    row group per group of work files). With n_buckets > 0, its candidate pairs to cand-<p>.parquet (one row
+    group per bucket, the bucket of the pair's first doc_id) and the documents they need to
+    end-<p>.parquet (doc, file, bucket: one row group per group of work files, so that each work file is
+    read by one sets_task). Returns counts and the partition's stats rows merged."""
     merged: dict[str, Any] = {"steps": {}}
     n_stats = 0
     parts = []
@@ -196,10 +219,17 @@ def decide_task(key_files: list[str], p: int, max_bucket: int, n_groups: int, n_
     ex = ex.append_column("_g", pa.array(spread(ex.column("fa").to_numpy(), n_groups)))
     write_partitioned(ex, "_g", n_groups, f"{out_dir}/exact-{p:05d}.parquet", sort_keys=("fa", "a"))
     cand = dec.filter(pa.array(kind == KIND_BAND)).select(["a", "b", "fa", "fb"])
+    del dec
     if n_buckets:
-        cand = cand.append_column("_v", pa.array(pair_bucket(cand.column("fa").to_numpy(),
-                                                             cand.column("fb").to_numpy(), n_buckets)))
-        write_partitioned(cand, "_v", n_buckets, f"{out_dir}/cand-{p:05d}.parquet", sort_keys=("fa", "fb", "a", "b"))
+        v = pa.array(doc_bucket(cand.column("a"), n_buckets))
+        cand = cand.append_column("_v", v)
+        write_partitioned(cand, "_v", n_buckets, f"{out_dir}/cand-{p:05d}.parquet", sort_keys=("a", "b"))
+        ends = pa.table({"doc": pa.chunked_array(cand.column("a").chunks + cand.column("b").chunks),
+                         "file": pa.chunked_array(cand.column("fa").chunks + cand.column("fb").chunks),
+                         "_v": pa.chunked_array(cand.column("_v").chunks * 2)})
+        ends = ends.group_by(["doc", "file", "_v"], use_threads=False).aggregate([])
+        ends = ends.append_column("_g", pa.array(spread(ends.column("file").to_numpy(), n_groups)))
+        write_partitioned(ends, "_g", n_groups, f"{out_dir}/end-{p:05d}.parquet", sort_keys=("file", "doc", "_v"))
     return {"exact": ex.num_rows, "cand": cand.num_rows, "stats": json.dumps(merged) if n_stats else ""}
 
 
@@ -236,59 +266,92 @@ def exact_task(exact_files: list[str], g: int, losers_dir: str) -> int:
     return n
 
 
-def verify_task(cand_files: list[str], v: int, cfg: FuzzyDedupConfig, stage_dir: str,
-                losers_dir: str) -> tuple[pa.Table, int, int]:
-    """Bucket v: its candidate pairs from every partition, unique, one pair of work files (fa, fb) at a time:
-    pairs with an exact loser left out (its winner has the same buckets), the rest verified. A work file fa
-    is read once for all its pairs here, then each fb for its own; so a task holds at most two work files'
-    documents. Returns the verified pairs reduced to a spanning forest (spanning_edges: the same connected
-    components, one edge per member that is not its component's smallest doc_id), the number of candidates
-    checked and the number of pairs verified."""
-    t = read_partition(cand_files, v, ["a", "b", "fa", "fb"])
+def sets_task(end_files: list[str], g: int, n_buckets: int, cfg: FuzzyDedupConfig, stage_dir: str,
+              losers_dir: str, out_dir: str) -> int:
+    """Group g of work files: the documents that candidate pairs need from them (row group g of every end
+    file), each work file read once and each document's set (doc_sets: shingle hashes or signature) computed
+    once, exact losers left out (their winner has the same buckets, so their pairs are redundant). Writes
+    sets-<g>.parquet: for each work file of the group in turn, n_buckets row groups (doc, set), row group
+    k * n_buckets + v holding the documents bucket v needs; so verify_task v reads every n_buckets-th row
+    group, and this task holds one work file's sets at a time. Returns the number of documents written."""
+    t = read_partition(end_files, g, ["doc", "file", "_v"])
+    path = f"{out_dir}/sets-{g:05d}.parquet"
+    tmp = f"{out_dir}/.sets-{g:05d}.parquet.tmp-{os.getpid()}"
+    schema = pa.schema([("doc", pa.string()), ("set", pa.large_list(_set_type(cfg)))])
+    n = 0
+    with pq.ParquetWriter(tmp, schema, compression="snappy") as w:
+        if t is not None and t.num_rows:
+            t = t.group_by(["file", "doc", "_v"], use_threads=False).aggregate([])
+            t = t.sort_by([("file", "ascending"), ("doc", "ascending"), ("_v", "ascending")])
+            files = t.column("file").to_numpy()
+            for s, e in _runs(files):
+                fid = int(files[s])
+                part = t.slice(s, e - s)
+                gone = pa.array(read_losers(losers_dir, "exact_dedup", fid), pa.string())
+                if len(gone):
+                    part = part.filter(pc.invert(pc.is_in(part.column("doc"), value_set=gone)))
+                docs = part.column("doc").to_pylist()
+                sets = doc_sets([os.path.join(stage_dir, file_name_of(fid))], set(docs), cfg)
+                found = np.array([d in sets for d in docs], dtype=bool)
+                part = part.filter(pa.array(found))
+                docs = [d for d, f in zip(docs, found) if f]
+                vals = [sets[d] for d in docs]
+                col = pa.LargeListArray.from_arrays(
+                    pa.array(np.cumsum([0] + [x.size for x in vals]), pa.int64()),
+                    pa.array(np.concatenate(vals) if vals else np.zeros(0), _set_type(cfg)))
+                out = pa.table({"doc": part.column("doc"), "set": col, "_v": part.column("_v")})
+                vs = out.column("_v").to_numpy()
+                counts = np.bincount(vs, minlength=n_buckets) if vs.size else np.zeros(n_buckets, np.int64)
+                starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+                out = out.take(pc.sort_indices(out, sort_keys=[("_v", "ascending"), ("doc", "ascending")]))
+                out = out.select(["doc", "set"])
+                for v in range(n_buckets):
+                    c = int(counts[v])
+                    w.write_table(out.slice(int(starts[v]), c), row_group_size=max(1, c))
+                n += len(docs)
+    os.replace(tmp, path)
+    return n
+
+
+def _set_type(cfg: FuzzyDedupConfig) -> pa.DataType:
+    return pa.uint32() if cfg.verify == "signature" else pa.uint64()
+
+
+def verify_task(cand_files: list[str], sets_files: list[str], v: int, n_buckets: int,
+                cfg: FuzzyDedupConfig) -> tuple[pa.Table, int, int]:
+    """Bucket v: its unique candidate pairs (row group v of every cand file) and the sets of the documents
+    they need (row groups v, v + n_buckets, ... of every sets file) -> the pairs whose two documents both
+    have a set (neither is an exact loser) checked with `similar`. Returns the verified pairs reduced to a
+    spanning forest (spanning_edges: the same connected components, one edge per member that is not its
+    component's smallest doc_id), the number of candidates checked and the number of pairs verified."""
     empty = pa.table({"a": pa.array([], pa.string()), "b": pa.array([], pa.string()),
                       "fa": pa.array([], pa.int64()), "fb": pa.array([], pa.int64())})
+    t = read_partition(cand_files, v, ["a", "b", "fa", "fb"])
     if t is None or not t.num_rows:
         return empty, 0, 0
-    t = t.group_by(["fa", "fb", "a", "b"], use_threads=False).aggregate([])
-    t = t.sort_by([("fa", "ascending"), ("fb", "ascending"), ("a", "ascending"), ("b", "ascending")])
-    fa = t.column("fa").to_numpy()
-    out, n_cand = [], 0
-    for s, e in _runs(fa):
-        ver, n = _verify_file(t.slice(s, e - s), cfg, stage_dir, losers_dir)
-        n_cand += n
-        out += [ver] if ver.num_rows else []
-    ver = pa.concat_tables(out) if out else empty
-    return spanning_edges(ver), n_cand, ver.num_rows
-
-
-def _verify_file(t: pa.Table, cfg: FuzzyDedupConfig, stage_dir: str, losers_dir: str) -> tuple[pa.Table, int]:
-    """The unique candidates whose first document is in one work file f1, sorted by fb -> the verified ones."""
-    f1 = int(t.column("fa")[0].as_py())
-    fb = t.column("fb").to_numpy()
-    a, b = t.column("a").to_pylist(), t.column("b").to_pylist()
-    gone1 = set(read_losers(losers_dir, "exact_dedup", f1))
-    groups = []  # (f2, pairs without exact losers)
-    for s, e in _runs(fb):
-        f2 = int(fb[s])
-        gone = gone1 | set(read_losers(losers_dir, "exact_dedup", f2)) if f2 != f1 else gone1
-        pairs = [(x, y) for x, y in zip(a[s:e], b[s:e]) if x not in gone and y not in gone]
-        groups.append((f2, pairs))
-    path = os.path.join(stage_dir, file_name_of(f1))
-    need = {x for _, ps in groups for x, _ in ps} | {y for f2, ps in groups if f2 == f1 for _, y in ps}
-    sets1 = doc_sets([path], need, cfg)  # f1 read once for all its pairs
-    keep_a, keep_b, keep_f = [], [], []
-    for f2, pairs in groups:
-        sets2 = sets1 if f2 == f1 else \
-            doc_sets([os.path.join(stage_dir, file_name_of(f2))], {y for _, y in pairs}, cfg)
-        for x, y in pairs:
-            if similar(sets1[x], sets2[y], cfg):
-                keep_a.append(x)
-                keep_b.append(y)
-                keep_f.append(f2)
-    n = len(keep_a)
-    return pa.table({"a": pa.array(keep_a, pa.string()), "b": pa.array(keep_b, pa.string()),
-                     "fa": pa.array(np.full(n, f1, np.int64)), "fb": pa.array(np.array(keep_f, np.int64))}), \
-        sum(len(p) for _, p in groups)
+    t = t.group_by(["a", "b", "fa", "fb"], use_threads=False).aggregate([])
+    parts = []
+    for f in sets_files:
+        pf = pq.ParquetFile(f)
+        parts += [pf.read_row_group(k * n_buckets + v) for k in range(pf.num_row_groups // n_buckets)]
+    sets = pa.concat_tables(parts) if parts else None
+    del parts
+    if sets is None or not sets.num_rows:
+        return empty, 0, 0
+    docs = sets.column("doc").combine_chunks()
+    col = sets.column("set").combine_chunks()
+    offs = col.offsets.to_numpy()
+    vals = col.values.to_numpy()
+    ia = pc.index_in(t.column("a"), value_set=docs)
+    ib = pc.index_in(t.column("b"), value_set=docs)
+    both = pc.and_(pc.is_valid(ia), pc.is_valid(ib))  # a document without a set is an exact loser
+    t = t.filter(both)
+    ia = pc.filter(ia, both).to_numpy(zero_copy_only=False).astype(np.int64)
+    ib = pc.filter(ib, both).to_numpy(zero_copy_only=False).astype(np.int64)
+    keep = np.fromiter((similar(vals[offs[x]:offs[x + 1]], vals[offs[y]:offs[y + 1]], cfg)
+                        for x, y in zip(ia.tolist(), ib.tolist())), dtype=bool, count=len(ia))
+    ver = t.filter(pa.array(keep))
+    return spanning_edges(ver), int(len(ia)), ver.num_rows
 
 
 # ----------------------------------------------------------------------------------------------- clusters

@@ -8,10 +8,13 @@ partition: pipelines.data.dedup_shuffle), and the driver receives only the key f
 tasks, at most one per CPU in flight, then do the rest through files: one per partition reads row group p
 of every key file and decides it (pipelines.data.dedup.decide_group: exact losers, LSH candidate pairs,
 the stats rows merged); one per group of work files writes `<stage>/losers/exact_dedup-<file>.parquet`;
-one per bucket of work-file pairs verifies its candidates (reading only those two work files and their
-two exact-loser files) and returns only the verified pairs, cut to a spanning forest of their clusters
+one per group of work files ("sets") reads each of its work files once and computes the set (shingle
+hashes or signature) of every document a candidate pair needs, once, routed to the bucket of the pairs
+that need it; one per bucket of candidate pairs (by the pair's first doc_id) joins its pairs with those
+sets, verifies them and returns only the verified pairs, cut to a spanning forest of their clusters
 (kept as Arrow columns on the driver): O(work files + near duplicates), never the key rows, the
-candidates or any text.
+candidates or any text. Each work file is decoded once for the whole verification (linear in the corpus;
+the previous design read both files of every pair of work files that shared a candidate).
 Connected components of the verified pairs (vectorised min-label propagation) pick one survivor per
 cluster (the smallest doc_id); the driver writes those losers per work file. Each task of the next
 segment reads only the losers of the work file it reads (ApplyLosers.bind_item). The decisions do not
@@ -41,6 +44,7 @@ from pipelines.data.dedup_shuffle import (
     file_id_of,
     file_name_of,
     run_tasks,
+    sets_task,
     shuffle_dir,
     spanning_edges,
     verify_task,
@@ -169,7 +173,7 @@ def decide_barrier(bar: Barrier, key_ds, partitions: int, stage_dir: str, limit:
     limit = limit or task_limit()
     n = max(1, len(key_files))
     groups = min(partitions, n)  # groups of work files (exact losers)
-    buckets = min(max(partitions, limit), n) if bar.fuzzy is not None else 0  # buckets of work-file pairs
+    buckets = max(partitions, limit) if bar.fuzzy is not None else 0  # buckets of candidate pairs (by doc_id)
     max_bucket = bar.fuzzy.max_bucket if bar.fuzzy is not None else 5000
     t0 = time.perf_counter()
     ref = ray.put(key_files)
@@ -189,8 +193,7 @@ def decide_barrier(bar: Barrier, key_ds, partitions: int, stage_dir: str, limit:
     out.tasks += groups
     out.seconds["exact"] = time.perf_counter() - t0
     if bar.fuzzy is not None:
-        _fuzzy(bar.fuzzy, [f"{shuffle}/cand-{p:05d}.parquet" for p in range(partitions)], buckets, limit,
-               stage_dir, out)
+        _fuzzy(bar.fuzzy, shuffle, partitions, groups, buckets, limit, stage_dir, out)
     shutil.rmtree(shuffle, ignore_errors=True)
     return out
 
@@ -219,22 +222,32 @@ class Forest:
         return pa.concat_tables(self.tables) if self.tables else None
 
 
-def _fuzzy(cfg: FuzzyDedupConfig, cand_files: list[str], buckets: int, limit: int, stage_dir: str,
-           out: Decisions) -> None:
-    """Verify the candidates in Ray tasks (one per bucket of work-file pairs); cluster the verified pairs on
-    the driver and write each work file's near-duplicate losers."""
+def _fuzzy(cfg: FuzzyDedupConfig, shuffle: str, partitions: int, groups: int, buckets: int, limit: int,
+           stage_dir: str, out: Decisions) -> None:
+    """Verify the candidates in Ray tasks: a sets_task per group of work files (each work file read once,
+    each needed document's set computed once), then a verify_task per bucket of candidate pairs; cluster
+    the verified pairs on the driver and write each work file's near-duplicate losers."""
     import ray
 
     t0 = time.perf_counter()
+    ref = ray.put([f"{shuffle}/end-{p:05d}.parquet" for p in range(partitions)])
+    for _, _n in run_tasks(sets_task, [(ref, g, buckets, cfg, stage_dir, out.losers_dir, shuffle)
+                                       for g in range(groups)], limit):
+        out.rows_seen += 1
+    del ref
+    out.tasks += groups
+    out.seconds["sets"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     forest = Forest()
-    ref = ray.put(cand_files)
-    for _, (t, n_cand, n_ver) in run_tasks(verify_task, [(ref, v, cfg, stage_dir, out.losers_dir)
+    cref = ray.put([f"{shuffle}/cand-{p:05d}.parquet" for p in range(partitions)])
+    sref = ray.put([f"{shuffle}/sets-{g:05d}.parquet" for g in range(groups)])
+    for _, (t, n_cand, n_ver) in run_tasks(verify_task, [(cref, sref, v, buckets, cfg)
                                                          for v in range(buckets)], limit):
         out.rows_seen += t.num_rows + 1
         out.candidate_pairs += n_cand
         out.verified_pairs += n_ver
         forest.add(t)
-    del ref
+    del cref, sref
     out.tasks += buckets
     out.seconds["verify"] = time.perf_counter() - t0
     losers, files = cluster_losers_arrow(forest.table())

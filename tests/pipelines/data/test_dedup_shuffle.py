@@ -18,17 +18,22 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import ConfigError, from_dict
-from pipelines.data import PrepConfig, run
+from pipelines.data import PrepConfig, dedup_shuffle, run
 from pipelines.data.config import InputSpec
 from pipelines.data.dedup import ExactDedupConfig, FuzzyDedupConfig, Signatures, key_rows
 from pipelines.data.dedup_shuffle import (
     auto_partitions,
     cluster_losers_arrow,
+    decide_task,
+    doc_bucket,
+    exact_task,
     read_partition,
+    sets_task,
     spanning_edges,
+    verify_task,
     write_key_file,
 )
-from pipelines.data.dedup_stage import decide_barrier, work_file_id, work_file_name
+from pipelines.data.dedup_stage import decide_barrier, task_limit, work_file_id, work_file_name
 from pipelines.data.manifest import shard_paths
 from pipelines.data.plan import Barrier
 from pipelines.data.runner import batch_to_table
@@ -120,9 +125,10 @@ def test_decisions_do_not_depend_on_partitions_or_tasks(corpus, tmp_path, ray_se
     assert len(d1.exact) == 10 and len(d1.fuzzy) >= 8, d1.info(BAR)
     assert l1 == l7 == l3  # the same loser files, byte for byte
     assert d1.info(BAR) == d7.info(BAR) == d3.info(BAR)
-    # 6 work files. decide: one per partition; exact: one per group of work files (<= partitions); verify:
-    # one per bucket of work-file pairs (<= max(partitions, tasks in flight))
-    assert (d1.tasks, d7.tasks, d3.tasks) == (1 + 1 + 1, 7 + 6 + 6, 3 + 3 + 3)
+    # 6 work files. decide: one per partition; exact and sets: one per group of work files (<= partitions);
+    # verify: one per bucket of candidate pairs (max(partitions, tasks in flight))
+    limit = task_limit()
+    assert (d1.tasks, d7.tasks, d3.tasks) == (1 + 1 + 1 + 1, 7 + 6 + 6 + max(7, limit), 3 + 3 + 3 + 3)
 
 
 def test_the_driver_receives_names_task_results_and_verified_pairs(corpus, tmp_path, ray_session):
@@ -133,7 +139,7 @@ def test_the_driver_receives_names_task_results_and_verified_pairs(corpus, tmp_p
     key_row_count = sum(t.num_rows for t in tables)
     # one key-file name per work file, one result per task, the verified pairs (cut to a spanning forest)
     assert len(files) + dec.tasks < dec.rows_seen <= len(files) + dec.tasks + dec.verified_pairs
-    assert dec.tasks <= 4 + 2 * len(files)
+    assert dec.tasks <= 3 * 4 + max(4, task_limit())  # decide, exact, sets: <= partitions each; verify: buckets
     assert dec.rows_seen < key_row_count / 10 and dec.rows_seen < dec.candidate_pairs + len(dec.exact)
     items = dec.next_items(files)
     for it in items:  # a reference to the loser files travels, never doc ids
@@ -191,3 +197,55 @@ def test_a_spanning_forest_keeps_the_clusters():
                zip(*(forest.column(c).to_pylist() for c in ("a", "b", "fa", "fb"))))
     f_losers, f_files = cluster_losers_arrow(forest)
     assert sorted(zip(f_losers.to_pylist(), f_files.tolist())) == sorted(zip(losers.to_pylist(), files.tolist()))
+
+
+def test_verification_reads_each_work_file_once(corpus, tmp_path, monkeypatch, ray_session):
+    """The barrier's tasks called in-process: every work file is decoded by one sets_task, once, and each
+    needed document's set is computed once per bucket; the verified pairs give the barrier's own clusters."""
+    import pyarrow as pa
+
+    ids, docs = corpus
+    stage = tmp_path / "stage"
+    files, _, tables = _stage(ids, docs, stage, 3)
+    shuffle, losers = tmp_path / "shuffle", tmp_path / "losers"
+    shuffle.mkdir()
+    keys = [write_key_file(t, 3, str(shuffle / f"k{i}.parquet")) for i, t in enumerate(tables)]
+    groups, buckets = 3, 4
+    cand = sum(decide_task(keys, p, 5000, groups, buckets, str(shuffle))["cand"] for p in range(3))
+    ends = [str(shuffle / f"end-{p:05d}.parquet") for p in range(3)]
+    for g in range(groups):
+        exact_task([str(shuffle / f"exact-{p:05d}.parquet") for p in range(3)], g, str(losers))
+    reads = []
+    real = dedup_shuffle.doc_sets
+    monkeypatch.setattr(dedup_shuffle, "doc_sets", lambda paths, need, cfg: reads.append(paths) or real(paths, need, cfg))
+    n_sets = sum(sets_task(ends, g, buckets, FUZZY, str(stage), str(losers), str(shuffle)) for g in range(groups))
+    assert sorted(p for paths in reads for p in paths) == sorted(set(files))  # each work file once
+    sets_files = [str(shuffle / f"sets-{g:05d}.parquet") for g in range(groups)]
+    per_bucket = [[d for f in sets_files for k in range(pq.ParquetFile(f).num_row_groups // buckets)
+                   for d in pq.ParquetFile(f).read_row_group(k * buckets + v).column("doc").to_pylist()]
+                  for v in range(buckets)]
+    assert all(len(b) == len(set(b)) for b in per_bucket) and sum(map(len, per_bucket)) == n_sets
+    got = [verify_task([str(shuffle / f"cand-{p:05d}.parquet") for p in range(3)], sets_files, v, buckets, FUZZY)
+           for v in range(buckets)]
+    checked = sum(n for _, n, _ in got)
+    assert 0 < checked <= cand
+    pairs = pa.concat_tables([t for t, _, _ in got])
+    mine = sorted(cluster_losers_arrow(pairs)[0].to_pylist())
+    _, key_ds, _ = _stage(ids, docs, tmp_path / "ref", 3)
+    ref = decide_barrier(BAR, key_ds, 3, str(tmp_path / "ref"))
+    assert mine == sorted(ref.fuzzy) and len(mine) >= 8
+
+
+def test_doc_bucket_is_a_stable_spread_of_ids():
+    import pyarrow as pa
+
+    ids = [f"{i:040x}" for i in range(0, 4000 * 7919, 7919)] + ["", "é", "a"]
+    b = doc_bucket(pa.array(ids), 7)
+    assert b.dtype == np.int64 and b.min() >= 0 and b.max() < 7
+    assert np.bincount(b[:4000], minlength=7).min() > 4000 / 7 * 0.8  # spread, not clustered
+    # the same id -> the same bucket, whatever array, slice or chunking it comes in
+    chunked = pa.chunked_array([pa.array(ids[:100]), pa.array(ids[100:])])
+    assert (doc_bucket(chunked, 7) == b).all()
+    assert (doc_bucket(pa.array(ids).slice(50, 30), 7) == b[50:80]).all()
+    assert (doc_bucket(pa.array(ids, pa.large_string()), 7) == b).all()
+    assert len({int(x) for x in doc_bucket(pa.array(["x"] * 5), 1000)}) == 1
