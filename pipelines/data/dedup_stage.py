@@ -1,4 +1,4 @@
-"""The dedup barrier: key files -> decide / exact / verify Ray tasks -> losers written per work file.
+"""The dedup barrier: key files -> decide / exact / sets / verify Ray tasks -> losers written per work file.
 
     dec = decide_barrier(bar, key_ds, partitions, stage_dir)     # on the driver, after a segment
     items = dec.next_items(work_files)                            # each item names its own losers file
