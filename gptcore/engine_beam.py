@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from gptcore.engine_forward import Forward
 from gptcore.engine_requests import CompletionOutput, Request, find_stop
 from gptcore.model import KVCache
-from gptcore.sampling import apply_repetition_penalty, no_repeat_ngram_mask, token_presence
+from gptcore.sampling import apply_copy_bias, apply_repetition_penalty, no_repeat_ngram_mask, token_presence
 
 __all__ = ["BeamGroup"]
 
@@ -50,6 +50,8 @@ class BeamGroup:
         self.stop_ids = sorted(req.stop_ids)
         self.beams_to_keep = max(2, 1 + len(self.stop_ids)) * K
         self.prompt = torch.tensor(req.prompt_ids, dtype=torch.long, device=dev)
+        # (1, V) bool tokens of the prompt, for copy_bias
+        self.prompt_mask = token_presence(self.prompt[None], vocab_size) if p.copy_bias != 0.0 else None
         cache = fwd.new_cache(K, P + M)
         # prefill the prompt once (row 0) and copy its keys/values to the other beams
         row0 = KVCache(k=[t[:1] for t in cache.k], v=[t[:1] for t in cache.v],
@@ -92,6 +94,8 @@ class BeamGroup:
         logits = self.logits.float()
         log_probs = F.log_softmax(logits, dim=-1)  # (K, V) raw model log-probabilities
         scores = log_probs
+        if self.prompt_mask is not None:  # copy_bias, before the n-gram ban as in sampling
+            scores = apply_copy_bias(scores, self.prompt_mask.expand(K, -1), p.copy_bias)
         if p.repetition_penalty != 1.0 or p.no_repeat_ngram_size > 0:
             seqs = torch.cat([self.prompt[None].expand(K, -1), self.running[:, :s]], dim=1)  # (K, P+s)
             if p.repetition_penalty != 1.0:

@@ -106,6 +106,7 @@ class Request:
         self.outputs: list[CompletionOutput] | None = None  # beam search results
         self.stop_ids: frozenset[int] = frozenset()
         self.max_stop_len = max((len(s) for s in params.stop), default=0)
+        self.prompt_mask: torch.Tensor | None = None  # (V,) bool tokens of the prompt, built when copy_bias needs it
 
     @property
     def rows_needed(self) -> int:

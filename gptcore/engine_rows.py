@@ -5,8 +5,8 @@ SamplingParams, vectorised over the batch.
     rp = RowParams.of(rows, device)                            # rebuilt only when the set of rows changes
     toks, lps = choose_tokens(logits, rp, rows, presence, start=0)   # logits (m, V) -> m token ids
 
-Order of the logit processors is Hugging Face's: repetition penalty, n-gram ban, temperature, top-k,
-top-p. All-greedy batches (the common serving case) take a plain argmax of the raw logits. Each
+Order of the logit processors is Hugging Face's: repetition penalty, (copy bias,) n-gram ban,
+temperature, top-k, top-p. All-greedy batches (the common serving case) take a plain argmax of the raw logits. Each
 sampling row draws its uniform from its own torch.Generator, so a seeded request's output does not
 depend on its batch mates. Internal to gptcore.engine; tested through tests/gptcore/test_engine.py.
 
@@ -24,12 +24,14 @@ from torch.nn import functional as F
 
 from gptcore.engine_requests import Seq
 from gptcore.sampling import (
+    apply_copy_bias,
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
     apply_top_p,
     argmax,
     sample_from_probs,
+    token_presence,
 )
 
 __all__ = ["RowParams", "choose_tokens"]
@@ -43,12 +45,14 @@ class RowParams:
     top_k_list: list[int]
     top_p_list: list[float]
     rep_list: list[float]
+    copy_list: list[float]
     ngram_list: list[bool]
     logprobs_list: list[bool]
     temperature: torch.Tensor  # (rows,) float32
     top_k: torch.Tensor  # (rows,) long
     top_p: torch.Tensor  # (rows,) float32
     rep: torch.Tensor  # (rows,) float32
+    copy: torch.Tensor  # (rows,) float32
     plain_greedy: bool  # every row: argmax of the raw logits
 
     @classmethod
@@ -59,16 +63,29 @@ class RowParams:
             top_k_list=[p.top_k for p in ps],
             top_p_list=[p.top_p for p in ps],
             rep_list=[p.repetition_penalty for p in ps],
+            copy_list=[p.copy_bias for p in ps],
             ngram_list=[s.ngram is not None for s in rows],
             logprobs_list=[p.logprobs for p in ps],
             temperature=torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=device),
             top_k=torch.tensor([p.top_k for p in ps], dtype=torch.long, device=device),
             top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=device),
             rep=torch.tensor([p.repetition_penalty for p in ps], dtype=torch.float32, device=device),
+            copy=torch.tensor([p.copy_bias for p in ps], dtype=torch.float32, device=device),
             # the common serving/benchmark case: argmax of the raw logits for every row
             plain_greedy=all(p.temperature == 0 and p.repetition_penalty == 1.0 and not p.logprobs
-                             and p.no_repeat_ngram_size == 0 for p in ps),
+                             and p.no_repeat_ngram_size == 0 and p.copy_bias == 0 for p in ps),
         )
+
+
+def prompt_masks(rows: Sequence[Seq], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(len(rows), V) bool: the tokens of each row's prompt (built once per request, then reused)."""
+    out = []
+    for s in rows:
+        req = s.req
+        if req.prompt_mask is None:
+            req.prompt_mask = token_presence([req.prompt_ids], vocab_size, device)[0]
+        out.append(req.prompt_mask)
+    return torch.stack(out)
 
 
 def _ban_ngrams(x: torch.Tensor, logits: torch.Tensor, rows: Sequence[Seq], start: int,
@@ -91,7 +108,7 @@ def _ban_ngrams(x: torch.Tensor, logits: torch.Tensor, rows: Sequence[Seq], star
 def choose_tokens(logits: torch.Tensor, rp: RowParams, rows: Sequence[Seq], presence: torch.Tensor | None,
                   start: int = 0) -> tuple[list[int], list[float] | None]:
     """Next token of running rows [start, start + len(logits)) from their (m, V) logits, each with
-    its own parameters (HF order: repetition penalty, n-gram ban, temperature, top-k, top-p).
+    its own parameters (HF order: repetition penalty, copy bias, n-gram ban, temperature, top-k, top-p).
 
     `presence` (slots, V) bool marks the tokens each row has seen (needed when a row has a
     repetition penalty). Returns the m token ids and, when any row asked for them, their logprobs
@@ -107,6 +124,8 @@ def choose_tokens(logits: torch.Tensor, rp: RowParams, rows: Sequence[Seq], pres
     if any(r != 1.0 for r in reps):
         assert presence is not None  # the engine keeps presence whenever a row has a repetition penalty
         x = apply_repetition_penalty(x, presence[start:stop], rp.rep[start:stop])
+    if any(c != 0.0 for c in rp.copy_list[start:stop]):
+        x = apply_copy_bias(x, prompt_masks(rows[start:stop], x.shape[-1], x.device), rp.copy[start:stop])
     if ngram:
         x = _ban_ngrams(x, logits, rows, start, ngram)
     nxt = argmax(x)  # greedy rows (the fast path when every row is greedy); same ties as torch.argmax

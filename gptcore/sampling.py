@@ -7,7 +7,8 @@ Used by `gptcore.engine` (run it with `python -m pytest tests/gptcore/test_sampl
 transform is a small function over a `(B, V)` logits tensor with one parameter per row, so rows with
 different settings share one batch. Semantics follow Hugging Face `generate` (processing order:
 repetition penalty -> no-repeat-ngram ban -> temperature -> top-k -> top-p), which the parity tests
-check token for token.
+check token for token. `copy_bias` (no HF equivalent; off by default) adds a constant to the logits of
+the tokens that occur in the prompt, after the repetition penalty and before the n-gram ban.
 
 Does not: run a model, hold a KV cache or decode text (gptcore.engine does).
 """
@@ -27,6 +28,7 @@ from gptcore.errors import GPTError
 __all__ = [
     "SamplingParams",
     "SamplingParamsError",
+    "apply_copy_bias",
     "apply_repetition_penalty",
     "apply_temperature",
     "apply_top_k",
@@ -65,7 +67,9 @@ class SamplingParams:
     best finished beams and ignores sampling. logprobs=True returns, per generated token, its
     log-probability under the model's raw distribution (before penalties and temperature).
     truncate="left" keeps the last tokens of a prompt that does not fit the context instead of
-    raising `gptcore.engine.PromptTooLongError`.
+    raising `gptcore.engine.PromptTooLongError`. copy_bias adds that many logits (nats) to every
+    token that occurs in the (possibly truncated) prompt, so decoding prefers to reuse the prompt's
+    words (extractive summaries); 0.0 is off, a negative value steers away from the prompt.
     """
 
     max_new_tokens: int = 16
@@ -73,6 +77,7 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    copy_bias: float = 0.0
     no_repeat_ngram_size: int = 0
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -115,6 +120,9 @@ class SamplingParams:
                 and self.repetition_penalty > 0):
             e.append(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}; "
                      f"use 1.0 for no penalty, > 1 to discourage repeats (e.g. 1.2)")
+        if not (_is_number(self.copy_bias) and math.isfinite(self.copy_bias)):
+            e.append(f"copy_bias must be a finite number, got {self.copy_bias!r}; use 0.0 for none, e.g. 1.5 "
+                     f"to favour tokens that occur in the prompt")
         if not (_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0):
             e.append(f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}; "
                      f"use 0 to disable it or e.g. 3 to never repeat a 3-gram")
@@ -216,6 +224,16 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
         p = p[:, None]  # (B, 1)
     penalised = torch.where(logits < 0, logits * p, logits / p)
     return torch.where(seen, penalised, logits)
+
+
+def apply_copy_bias(logits: torch.Tensor, in_prompt: torch.Tensor, bias: float | torch.Tensor) -> torch.Tensor:
+    """Add `bias` to the logits of the tokens each row's prompt contains. `in_prompt` is (B, V) bool,
+    `bias` a float or (B,) tensor (0.0 = off for that row); -inf logits stay -inf. Returns a new tensor."""
+    b = bias if isinstance(bias, torch.Tensor) else torch.tensor(float(bias), device=logits.device)
+    b = b.to(device=logits.device, dtype=logits.dtype)
+    if b.dim() == 1:
+        b = b[:, None]  # (B, 1)
+    return logits + in_prompt.to(logits.dtype) * b
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:

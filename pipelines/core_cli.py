@@ -105,6 +105,8 @@ def _register_sample(subparsers) -> None:
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off (default)")
     s.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="CTRL-style penalty > 0 on already-seen tokens; 1 = off (default)")
+    s.add_argument("--copy-bias", type=float, default=0.0,
+                   help="added to the logits of the prompt's tokens (extractive output); 0 = off (default)")
     s.add_argument("--no-repeat-ngram-size", type=int, default=0,
                    help="forbid repeating any n-gram of this size; 0 = off (default)")
     s.add_argument("--num-beams", type=int, default=1, help="beam search width; 1 = no beam search (default)")
@@ -268,7 +270,7 @@ def _sample(args) -> int:
     # gptcore's errors (SamplingParamsError, CheckpointError, ...) are USER_ERRORS: pipelines/cli.py prints them
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, copy_bias=args.copy_bias,
         no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
         length_penalty=args.length_penalty,
         early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping),

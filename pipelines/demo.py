@@ -7,9 +7,9 @@
 Stages, each the real engine: (1) corpus: the Python standard library's own documentation
 (pydoc topics + docstrings; `pipelines.stdlib_corpus`), no download; (2) Ray Data prep of the
 pretraining set (BPE tokenizer trained on it) and of the SFT set (docstring body -> its first
-line); (3) Ray Train + DeepSpeed pretraining, then SFT from that checkpoint; (4) Ray Data batch
-generation of summaries for held-out docstrings (ROUGE vs the lead baseline) and of a few
-articles from titles; (5) a Ray Serve OpenAI-compatible endpoint asked one question by the
+line, pairs packed into full windows); (3) Ray Train + DeepSpeed pretraining, then SFT from that
+checkpoint; (4) Ray Data batch generation of summaries for held-out docstrings (greedy, with
+`copy_bias`; ROUGE vs the lead baseline) and of a few articles from titles; (5) a Ray Serve OpenAI-compatible endpoint asked one question by the
 official `openai` client, then stopped; (6) a Markdown report with PNGs, and where every artefact is.
 Does not: tune anything; the model is tiny and the numbers show the pipeline works, not a good model.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -43,12 +44,15 @@ minutes on 2 CPU cores; finished stages are reused on a re-run.
   raygpt demo out=runs/demo2 pretrain_steps=100 sft_steps=50     # a quicker, smaller run
 
 Options (key=value): out, corpus, vocab_size, block_size, preset, pretrain_steps, sft_steps,
-micro_batch_size, num_workers, zero_stage, precision, generate_limit, articles, serve, overwrite.
+micro_batch_size, num_workers, zero_stage, precision, generate_limit, articles, serve, overwrite;
+num_beams and copy_bias of the summaries (default 1 and 1.0: greedy decoding that favours the
+docstring's own tokens; copy_bias=0 turns that off, num_beams=4 is beam search).
 The report is out/report/report.md; the last lines of the output say where every artefact is.
 """
 
 SUMMARY_PROMPT = "{article}\n\nSummary: "
-PROMPT_NOTE = "Prompt: the docstring's body, then `Summary: `; lead-1 is the body's first sentence."
+PROMPT_NOTE = ("Prompt: the docstring's body, then `Summary: `; lead-1 is the body's first sentence. Both models "
+               "decode {decoding} with copy_bias {copy_bias} (logits added to the prompt's tokens).")
 ARTICLE_PROMPT = "{title}\n\n"
 
 
@@ -60,8 +64,8 @@ class DemoConfig:
     vocab_size: int = 4096  # BPE vocabulary trained on the corpus
     block_size: int = 256  # context length of the model and the token windows
     preset: str = "tiny"  # gptcore preset (n_layer 4, n_head 4, n_embd 128)
-    pretrain_steps: int = 500
-    sft_steps: int = 250
+    pretrain_steps: int = 800
+    sft_steps: int = 400
     micro_batch_size: int = 16
     num_workers: int = 1  # Ray Train workers (2 = DeepSpeed data parallel over both cores)
     # intra-op threads per worker; 0 = this machine's cores / num_workers. Nothing else computes while the
@@ -70,6 +74,10 @@ class DemoConfig:
     zero_stage: int = 1
     precision: str = "bf16"  # bf16 autocast on CPUs that support it; fp32 elsewhere
     max_new_tokens: int = 40
+    # summaries: greedy (num_beams 1) or beam search, with copy_bias (logits added to the docstring's tokens;
+    # gptcore.sampling.SamplingParams.copy_bias) so the tiny model reuses the text's words; 0.0: off
+    num_beams: int = 1
+    copy_bias: float = 1.0
     generate_limit: int = 64  # held-out summaries to generate
     articles: int = 4  # articles from titles to generate
     article_samples: int = 8  # samples per title; the report shows the most likely one
@@ -80,7 +88,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         errs = []
         for f in ("vocab_size", "block_size", "pretrain_steps", "sft_steps", "micro_batch_size", "num_workers",
-                  "max_new_tokens", "generate_limit",
+                  "max_new_tokens", "generate_limit", "num_beams",
                   "article_samples"):
             if getattr(self, f) < 1:
                 errs.append(f"{f}: must be >= 1, got {getattr(self, f)!r}")
@@ -88,6 +96,9 @@ class DemoConfig:
             errs.append(f"vocab_size: must be >= 300 for a byte-level BPE, got {self.vocab_size}")
         if self.zero_stage not in (0, 1, 2, 3):
             errs.append(f"zero_stage: must be 0-3, got {self.zero_stage!r}")
+        if isinstance(self.copy_bias, bool) or not (isinstance(self.copy_bias, (int, float))
+                                                     and math.isfinite(self.copy_bias)):
+            errs.append(f"copy_bias: must be a finite number (0.0 = off), got {self.copy_bias!r}")
         if self.torch_threads < 0:
             errs.append(f"torch_threads: must be >= 0 (0 = cores / num_workers), got {self.torch_threads!r}")
         if errs:
@@ -181,7 +192,7 @@ def _prep(cfg: DemoConfig, corpus: Path, data: Path) -> tuple[dict, dict]:
         "steps": [{"name": "exact_dedup"}],
         "tokenizer": {"kind": "load", "path": str(data / "pretrain" / "tokenizer.json")},
         "sft": {"prompt_template": SUMMARY_PROMPT, "completion_template": "{summary}<|endoftext|>",
-                "mode": "pad", "truncate": "prompt"},
+                "mode": "pack", "truncate": "prompt"},
         "pack": {"block_size": cfg.block_size, "val_fraction": 0.05},
         "overwrite": cfg.overwrite, "progress": True,
     })
@@ -238,6 +249,7 @@ def _generate(cfg: DemoConfig, sft_ckpt: str, base_ckpt: str, corpus: Path, gen:
     summarize = dict(input=str(corpus / "summaries-heldout.jsonl"), task="summarize", template=SUMMARY_PROMPT,
                      limit=cfg.generate_limit, keep_columns=["summary"],
                      sampling={"max_new_tokens": cfg.max_new_tokens, "temperature": 0.0,
+                               "num_beams": cfg.num_beams, "copy_bias": cfg.copy_bias,
                                "no_repeat_ngram_size": 3, "stop": ["\n"], "truncate": "left"})
     jobs = {  # name -> (checkpoint, job)
         "summaries": (sft_ckpt, summarize),
@@ -372,7 +384,10 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     }
     info["timings"] = timings
     t = time.time()
-    report = write_report(out, info, articles=cfg.articles, prompt_note=PROMPT_NOTE)
+    report = write_report(out, info, articles=cfg.articles,
+                          prompt_note=PROMPT_NOTE.format(
+                              decoding="greedily" if cfg.num_beams == 1 else f"with beam search ({cfg.num_beams} beams)",
+                              copy_bias=cfg.copy_bias))
     timings["report (ROUGE, best-of-n, plots)"] = time.time() - t
     (out / "demo_result.json").write_text(json.dumps(
         {k: v for k, v in info.items() if k not in ("data_pretrain", "data_sft")}, indent=2, default=str))

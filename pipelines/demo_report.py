@@ -197,7 +197,8 @@ def _summary_lines(rouge: dict[str, Any], gen: dict[str, str], refs: dict[str, A
         learned = copy[1] < 0.5 * copy[0]
         lines += [f"Copy test of the pretrained model (loss on random token spans, first sight -> repeated): "
                   f"{copy[0]:.2f} -> {copy[1]:.2f} nats: it " + ("has learned" if learned else "has not learned") +
-                  " to copy from its context, which summaries that beat lead-1 need (they reuse the text's words).",
+                  " to copy from its context, which summaries that beat lead-1 need (they reuse the text's words); "
+                  "decoding with copy_bias > 0 favours the prompt's tokens instead.",
                   ""]
     lines += ["| id | article (start) | reference | generated |", "| --- | --- | --- | --- |"]
     for k in sorted(gen)[:5]:

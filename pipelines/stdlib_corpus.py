@@ -88,8 +88,11 @@ def _held_out(key: str, fraction: float) -> bool:
 
 
 def build(out_dir: str | os.PathLike, *, max_bytes: int = 3_000_000, heldout_fraction: float = 0.05,
-          min_doc_chars: int = 200) -> dict[str, object]:
-    """Write the corpus files into out_dir (idempotent: same Python -> same bytes). Returns stats."""
+          min_doc_chars: int = 200, min_body_chars: int = 150, min_train_body_chars: int = 40) -> dict[str, object]:
+    """Write the corpus files into out_dir (idempotent: same Python -> same bytes). Returns stats.
+
+    A held-out summary pair needs a body of min_body_chars; a training pair only min_train_body_chars
+    (more, shorter examples of the same task; the held-out set does not change with it)."""
     from pydoc_data.topics import topics
 
     out = Path(out_dir)
@@ -106,15 +109,18 @@ def build(out_dir: str | os.PathLike, *, max_bytes: int = 3_000_000, heldout_fra
             head, _, body = doc.partition("\n\n")
             head = " ".join(head.split())
             body = body.strip()
-            # a summary pair: a one-sentence first line over a real body
-            if body and 20 <= len(head) <= 200 and len(body) >= 150 and head.endswith("."):
+            # a summary pair: a one-sentence first line over a real body; training also takes shorter
+            # bodies (min_train_body_chars), the held-out set keeps the stricter rule
+            if body and 20 <= len(head) <= 200 and head.endswith("."):
                 pair = {"id": qual, "article": body, "summary": head}
                 if _held_out(qual, heldout_fraction):
-                    heldout_pairs.append(pair)
-                    if len(titles) < 50 and "." in qual:
-                        titles.append({"id": qual, "title": qual, "article": doc})
-                    continue  # held-out docstrings stay out of pretraining too (no leakage)
-                train_pairs.append(pair)
+                    if len(body) >= min_body_chars:
+                        heldout_pairs.append(pair)
+                        if len(titles) < 50 and "." in qual:
+                            titles.append({"id": qual, "title": qual, "article": doc})
+                        continue  # held-out docstrings stay out of pretraining too (no leakage)
+                elif len(body) >= min_train_body_chars:
+                    train_pairs.append(pair)
             if len(doc) >= min_doc_chars and total < max_bytes:
                 docs.append({"id": qual, "text": doc, "source": f"{path.name}:{qual}"})
                 total += len(doc)

@@ -116,7 +116,8 @@ def test_core_flow_end_to_end(tmp_path, shared_data):
     assert [x["prompt"] for x in lines] == ["Hello", "The"]
     assert all(len(x["token_ids"]) == 8 or x["finish_reason"] == "stop" for x in lines)
     r = raygpt("sample", ckpt, "--prompt", "Hello", "--max-new-tokens", "8", "--temperature", "0.9",
-               "--top-k", "20", "--top-p", "0.9", "--repetition-penalty", "1.1", "--seed", "5", "--n", "2")
+               "--top-k", "20", "--top-p", "0.9", "--repetition-penalty", "1.1", "--copy-bias", "1.5", "--seed", "5",
+               "--n", "2")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("--- prompt 0 completion") == 2 and r.stdout.count("\nHello") == 2
 

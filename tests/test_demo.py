@@ -21,6 +21,12 @@ def test_demo_config_errors_name_the_field():
         load_config(DemoConfig, None, ["pretrain_step=5"])
     with pytest.raises(ConfigError, match=r"torch_threads: must be >= 0 .* got -1"):
         load_config(DemoConfig, None, ["torch_threads=-1"])
+    with pytest.raises(ConfigError, match=r"num_beams: must be >= 1, got 0"):
+        load_config(DemoConfig, None, ["num_beams=0"])
+    with pytest.raises(ConfigError, match=r"copy_bias: must be a finite number"):
+        load_config(DemoConfig, None, ["copy_bias=.inf"])
+    cfg = load_config(DemoConfig, None, ["num_beams=1", "copy_bias=0"])  # plain greedy summaries
+    assert (cfg.num_beams, cfg.copy_bias) == (1, 0)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ or route; 408 timeout; 413 body too large. Requests are strict: "max_tokens": "5
 not 5, and unknown fields are refused (as OpenAI does) so typos do not pass silently. OpenAI fields
 this server cannot honour (logit_bias, presence_penalty != 0, tools, ...) are accepted at their
 neutral value and refused with 400 otherwise. Extensions over OpenAI: top_k, repetition_penalty,
-no_repeat_ngram_size, num_beams, length_penalty, early_stopping, ignore_eos.
+copy_bias, no_repeat_ngram_size, num_beams, length_penalty, early_stopping, ignore_eos.
 
 Does not: know the model's limits (pipelines.serve.app checks max_tokens/n/prompt length against
 ServeConfig.limits and the context window).
@@ -154,6 +154,7 @@ class _Request(BaseModel):
     # extensions (not in OpenAI's API)
     top_k: Annotated[Int, Field(ge=0)] = 0
     repetition_penalty: Annotated[Num, Field(gt=0.0)] = 1.0
+    copy_bias: Num = 0.0  # logits added to the prompt's tokens (gptcore SamplingParams.copy_bias)
     no_repeat_ngram_size: Annotated[Int, Field(ge=0)] = 0
     num_beams: Annotated[Int, Field(ge=1)] = 1
     length_penalty: Num = 1.0

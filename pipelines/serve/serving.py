@@ -290,7 +290,8 @@ class Serving:
         try:
             params = SamplingParams(
                 max_new_tokens=max_tokens, temperature=float(req.temperature), top_k=req.top_k, top_p=float(req.top_p),
-                repetition_penalty=float(req.repetition_penalty), no_repeat_ngram_size=req.no_repeat_ngram_size,
+                repetition_penalty=float(req.repetition_penalty), copy_bias=float(req.copy_bias),
+                no_repeat_ngram_size=req.no_repeat_ngram_size,
                 num_beams=req.num_beams, length_penalty=float(req.length_penalty), early_stopping=req.early_stopping,
                 stop=tuple(stop), n=req.n, seed=req.seed, logprobs=want_logprobs, ignore_eos=req.ignore_eos)
         except ValueError as e:  # SamplingParamsError names the field

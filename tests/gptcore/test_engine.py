@@ -140,10 +140,27 @@ def test_repetition_penalty_changes_greedy_output(engine):
     assert len(set(pen)) > len(set(plain))
 
 
+def test_copy_bias_steers_greedy_and_beam_output_to_prompt_tokens(engine):
+    prompt = [7, 8, 9, 10, 11, 12]
+    for base in (greedy(max_new_tokens=12, ignore_eos=True), SamplingParams(num_beams=3, max_new_tokens=6)):
+        plain = engine.generate([prompt], base)[0].outputs[0].token_ids
+        assert engine.generate([prompt], base.replace(copy_bias=0.0))[0].outputs[0].token_ids == plain
+        copied = engine.generate([prompt], base.replace(copy_bias=50.0))[0].outputs[0].token_ids
+        assert set(copied) <= set(prompt) and sum(t in prompt for t in plain) < len(plain)
+        away = engine.generate([prompt], base.replace(copy_bias=-50.0))[0].outputs[0].token_ids
+        assert not set(away) & set(prompt)
+    # the bias composes with the n-gram ban: prompt tokens only, and no 2-gram repeats
+    toks = engine.generate([prompt], greedy(max_new_tokens=4, copy_bias=50.0, no_repeat_ngram_size=2,
+                                            ignore_eos=True))[0].outputs[0].token_ids
+    grams = [tuple((prompt + toks)[i:i + 2]) for i in range(len(prompt) + len(toks) - 1)]
+    assert set(toks) <= set(prompt) and len(grams) == len(set(grams))
+
+
 def test_per_row_params_in_one_batch_match_separate_runs(engine):
-    params = [greedy(max_new_tokens=8), SamplingParams(max_new_tokens=5, temperature=0.7, top_p=0.8, seed=11),
+    params = [greedy(max_new_tokens=8),
+              SamplingParams(max_new_tokens=5, temperature=0.7, top_p=0.8, seed=11, copy_bias=3.0),
               SamplingParams(max_new_tokens=9, temperature=1.5, top_k=20, seed=12, repetition_penalty=1.2),
-              greedy(max_new_tokens=6, no_repeat_ngram_size=2)]
+              greedy(max_new_tokens=6, no_repeat_ngram_size=2, copy_bias=2.0)]
     together = engine.generate(PROMPTS, params)
     for prompt, p, res in zip(PROMPTS, params, together):
         alone = engine.generate([prompt], p)[0].outputs[0]

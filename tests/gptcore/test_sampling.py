@@ -11,6 +11,7 @@ from gptcore.sampling import (
     NGramIndex,
     SamplingParams,
     SamplingParamsError,
+    apply_copy_bias,
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
@@ -49,6 +50,8 @@ def test_defaults_are_valid_and_roundtrip():
     ("top_p", 0.0, "(0, 1]"),
     ("top_p", 1.5, "(0, 1]"),
     ("repetition_penalty", 0.0, "> 0"),
+    ("copy_bias", float("inf"), "finite"),
+    ("copy_bias", "1", "finite"),
     ("no_repeat_ngram_size", -2, ">= 0"),
     ("num_beams", 0, ">= 1"),
     ("length_penalty", float("inf"), "finite"),
@@ -102,6 +105,16 @@ def test_repetition_penalty_matches_hf():
     torch.testing.assert_close(per_row[[1, 3]], x[[1, 3]], rtol=0, atol=0)
     # ragged lists and -1 padding give the same presence mask
     assert torch.equal(token_presence([[1, 2], [3]], 10), token_presence(torch.tensor([[1, 2], [3, -1]]), 10))
+
+
+def test_copy_bias_adds_to_prompt_tokens_only_per_row():
+    assert SamplingParams().copy_bias == 0.0 and SamplingParams(copy_bias=-0.5).copy_bias == -0.5
+    logits = torch.tensor([[0.0, 1.0, -2.0, float("-inf")], [0.5, 0.5, 0.5, 0.5]])
+    in_prompt = token_presence([[0, 3], [1, 2]], 4)
+    out = apply_copy_bias(logits, in_prompt, torch.tensor([2.0, 0.0]))
+    assert out.tolist() == [[2.0, 1.0, -2.0, float("-inf")], [0.5, 0.5, 0.5, 0.5]]  # -inf stays banned
+    assert apply_copy_bias(logits, in_prompt, -1.0)[1].tolist() == [0.5, -0.5, -0.5, 0.5]
+    assert logits[0, 0] == 0.0  # not in place
 
 
 def test_top_k_and_top_p_match_hf_row_by_row():

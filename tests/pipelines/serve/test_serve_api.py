@@ -127,7 +127,7 @@ def test_n_choices_prompt_lists_logprobs_echo_and_extensions(client):
                                      extra_body={"num_beams": 3, "no_repeat_ngram_size": 2, "ignore_eos": True})
     assert len(beam.choices) == 2
     rp = client.completions.create(model=MODEL, prompt="To be", max_tokens=6, temperature=0.7, top_p=0.9,
-                                   extra_body={"top_k": 20, "repetition_penalty": 1.3})
+                                   extra_body={"top_k": 20, "repetition_penalty": 1.3, "copy_bias": 1.5})
     assert rp.usage.completion_tokens <= 6
 
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2,

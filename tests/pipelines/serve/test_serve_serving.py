@@ -65,6 +65,18 @@ def test_completion_matches_the_engine(serving, tiny_ckpt):
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
 
 
+def test_copy_bias_extension_reaches_the_engine(serving):
+    async def go():
+        return await _complete(serving, {"prompt": "To be, or", "max_tokens": 4, "temperature": 0,
+                                         "copy_bias": 2.5, "num_beams": 2})
+
+    job, body = asyncio.run(go())
+    assert job.params.copy_bias == 2.5 and job.params.num_beams == 2
+    assert body["usage"]["completion_tokens"] <= 4
+    plain = serving.prepare(parse_request(CompletionRequest, {"prompt": "x", "max_tokens": 1}), False)
+    assert plain.params.copy_bias == 0.0  # off unless asked for
+
+
 def test_chat_and_stream(serving):
     async def go():
         _, chat = await _complete(serving, {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4},
