@@ -304,7 +304,8 @@ def run_scale(args: argparse.Namespace, variants: list[str], d: Path) -> None:
 
 
 def _barrier_phases(path: Path) -> dict[str, float]:
-    """The dedup barrier's phases from a run's timings.json (segment<i>_<phase>_s, summed over barriers)."""
+    """The dedup barrier's phases from a run's timings.json: seconds (segment<i>_<phase>_s, summed over
+    barriers) and the largest worker peak RSS by the end of each task phase (<phase> peak MiB)."""
     if not path.exists():
         return {}
     out: dict[str, float] = {}
@@ -312,7 +313,13 @@ def _barrier_phases(path: Path) -> dict[str, float]:
         m = re.fullmatch(r"segment\d+_(\w+?)_s", k)
         if m and isinstance(x, (int, float)):
             out[m.group(1)] = out.get(m.group(1), 0.0) + float(x)
+        m = re.fullmatch(r"segment\d+_(\w+?)_worker_peak_mib", k)  # largest worker peak by the end of a phase
+        if m and isinstance(x, (int, float)):
+            out[m.group(1) + " peak MiB"] = max(out.get(m.group(1) + " peak MiB", 0.0), float(x))
     return out
+
+
+GENERATED_END = "<!-- end of the table bench/prep.py --scale --write-md writes; notes below are kept -->"
 
 
 def write_scale_md(rows: list[dict], argv: str, load_start: str, load_end: str) -> None:
@@ -325,7 +332,8 @@ def write_scale_md(rows: list[dict], argv: str, load_start: str, load_end: str) 
                      f"{r['worker']:.0f} | {r['workers']:.0f} | {r['other']:.0f} | {r['tree']:.0f} |")
     names = list(dict.fromkeys(k for r in rows for k in r.get("phases", {})))
     if names:
-        table += ["", "Where the dedup barrier's time goes (s, from each run's timings.json):", "",
+        table += ["", "Where the dedup barrier's time goes (s; and the largest worker peak RSS by the end of each task phase, "
+                  "MiB: workers are reused, so a phase's peak includes what ran before it; from timings.json):", "",
                   "| variant | input MB | " + " | ".join(names) + " |", "| --- | ---: |" + " ---: |" * len(names)]
         table += [f"| `{r['variant']}` | {r['mb']:.0f} | " + " | ".join(f"{r['phases'].get(k, 0):.1f}" for k in names)
                   + " |" for r in rows]
@@ -334,8 +342,16 @@ def write_scale_md(rows: list[dict], argv: str, load_start: str, load_end: str) 
         f"Command: `.venv/bin/python bench/prep.py {argv}`. Peak RSS per process sampled with psutil every 50 ms "
         "(driver = the `raygpt prep` process; workers = the raylet's children; other = GCS, raylet, dashboard). "
         f"Load at start: `{load_start}`; at end: `{load_end}`.", "", *table, ""])
+    # the generated part ends at GENERATED_END; notes written by hand after it survive a re-run
+    section += "\n" + GENERATED_END
+    gen = re.compile(r"^## Data prep at scale\n.*?" + re.escape(GENERATED_END), re.S | re.M)
     pat = re.compile(r"^## Data prep at scale\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pat.sub(section + "\n", text) if pat.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    if gen.search(text):
+        text = gen.sub(lambda _m: section, text)
+    elif pat.search(text):
+        text = pat.sub(lambda _m: section + "\n\n", text)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text)
     print(f"updated {path}")
 

@@ -111,7 +111,11 @@ def write_partitioned(table: pa.Table, col: str, n: int, path: str, sort_keys: S
             c = int(counts[p])
             w.write_table(table.slice(int(starts[p]), c), row_group_size=max(1, c))
 
-    atomic_write_bytes(path, _parquet_bytes(write, table.schema))
+    # streamed to a temp file in the same directory, then renamed: never the whole file in memory
+    tmp = f"{os.path.dirname(path) or '.'}/.{os.path.basename(path)}.tmp-{os.getpid()}"
+    with pq.ParquetWriter(tmp, table.schema, compression="snappy") as w:
+        write(w)
+    os.replace(tmp, path)
 
 
 def write_key_file(keys: pa.Table, partitions: int, path: str) -> str:
@@ -168,12 +172,15 @@ def write_losers(losers_dir: str, name: str, fid: int, ids) -> None:
 
 # ----------------------------------------------------------------------------------------------- tasks
 
-def run_tasks(fn: Callable[..., Any], args: Sequence[tuple], limit: int) -> Iterator[tuple[int, Any]]:
+def run_tasks(fn: Callable[..., Any], args: Sequence[tuple], limit: int,
+              peak: dict[str, int] | None = None) -> Iterator[tuple[int, Any]]:
     """fn(*a) for every a in args as Ray tasks (1 CPU each), at most `limit` in flight; yields (index, result)
-    as they finish. A result is fetched once and its reference dropped at once (the object store frees it)."""
+    as they finish. A result is fetched once and its reference dropped at once (the object store frees it).
+    peak["rss"] (when given) becomes the largest peak RSS (bytes) of the worker processes that ran them (a
+    worker's lifetime peak: workers are reused, so it also covers what they ran before)."""
     import ray
 
-    remote = ray.remote(num_cpus=1)(fn)
+    remote = ray.remote(num_cpus=1)(_measured)
     pending: dict[Any, int] = {}
     todo = iter(enumerate(args))
     while True:
@@ -181,14 +188,23 @@ def run_tasks(fn: Callable[..., Any], args: Sequence[tuple], limit: int) -> Iter
             nxt = next(todo, None)
             if nxt is None:
                 break
-            pending[remote.remote(*nxt[1])] = nxt[0]
+            pending[remote.remote(fn, *nxt[1])] = nxt[0]
         if not pending:
             return
         done, _ = ray.wait(list(pending), num_returns=1)
         i = pending.pop(done[0])
-        result = ray.get(done[0])
+        result, rss = ray.get(done[0])
         del done
+        if peak is not None:
+            peak["rss"] = max(peak.get("rss", 0), rss)
         yield i, result
+
+
+def _measured(fn: Callable[..., Any], *a: Any) -> tuple[Any, int]:
+    import resource
+
+    result = fn(*a)
+    return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def decide_task(key_files: list[str], p: int, max_bucket: int, n_groups: int, n_buckets: int,

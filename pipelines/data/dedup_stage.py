@@ -102,7 +102,8 @@ class Decisions:
     verified_pairs: int = 0
     rows_seen: int = 0  # rows/results the driver received from the workers (the bound the tests check)
     tasks: int = 0  # barrier tasks run (decide + exact + verify)
-    seconds: dict[str, float] = field(default_factory=dict)  # wall per phase: segment, decide, exact, verify
+    seconds: dict[str, float] = field(default_factory=dict)  # wall per phase: segment, decide, exact, sets, verify
+    peak_mib: dict[str, float] = field(default_factory=dict)  # largest worker peak RSS seen by the end of each phase
 
     def __post_init__(self):
         os.makedirs(self.losers_dir, exist_ok=True)
@@ -129,6 +130,9 @@ class Decisions:
                 for k, f in enumerate(files)]
 
 
+BUCKETS_PER_PARTITION = 4
+
+
 class KeyFiles:
     """Runs in the workers, after the segment: a block of its output rows -> the key-file names they carry
     (the segment wrote its key files next to its work files), or a block of raw key rows (a caller that
@@ -138,12 +142,17 @@ class KeyFiles:
         self.dir, self.partitions = shuffle_dir, partitions
 
     def __call__(self, t):
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # this worker's peak so far (Linux: KiB)
         if "key_file" in t.column_names:
-            return t.select(["key_file"])
-        os.makedirs(self.dir, exist_ok=True)
-        path = f"{self.dir}/x-{uuid.uuid4().hex}.parquet"
-        write_key_file(t, self.partitions, path)
-        return pa.table({"key_file": pa.array([path], pa.string())})
+            t = t.select(["key_file"])
+        else:
+            os.makedirs(self.dir, exist_ok=True)
+            path = f"{self.dir}/x-{uuid.uuid4().hex}.parquet"
+            write_key_file(t, self.partitions, path)
+            t = pa.table({"key_file": pa.array([path], pa.string())})
+        return t.append_column("rss", pa.array(np.full(t.num_rows, rss, np.int64)))
 
 
 def task_limit() -> int:
@@ -164,36 +173,45 @@ def decide_barrier(bar: Barrier, key_ds, partitions: int, stage_dir: str, limit:
     shuffle = shuffle_dir(stage_dir)
     os.makedirs(shuffle, exist_ok=True)
     key_files: list[str] = []
+    seg_peak = 0
     for b in key_ds.map_batches(KeyFiles(shuffle, partitions), batch_format="pyarrow",
                                 batch_size=None).iter_batches(batch_format="pyarrow", batch_size=None):
         out.rows_seen += b.num_rows
         key_files += [f for f in b.column("key_file").to_pylist() if f]
+        seg_peak = max([seg_peak] + b.column("rss").to_pylist())
     key_files.sort()
     out.seconds["segment"] = time.perf_counter() - t0
+    out.peak_mib["segment"] = seg_peak / 2**20
     limit = limit or task_limit()
     n = max(1, len(key_files))
     groups = min(partitions, n)  # groups of work files (exact losers)
-    buckets = max(partitions, limit) if bar.fuzzy is not None else 0  # buckets of candidate pairs (by doc_id)
+    # buckets of candidate pairs (by doc_id): a verify task holds its pairs' document sets, a few KB per
+    # document and ~3 per near duplicate, so 4 per partition keep it to tens of MB where half the corpus is
+    # near duplicates
+    buckets = BUCKETS_PER_PARTITION * max(partitions, limit) if bar.fuzzy is not None else 0
     max_bucket = bar.fuzzy.max_bucket if bar.fuzzy is not None else 5000
     t0 = time.perf_counter()
     ref = ray.put(key_files)
+    peak: dict[str, int] = {}
     for _, r in run_tasks(decide_task, [(ref, p, max_bucket, groups, buckets, shuffle)
-                                        for p in range(partitions)], limit):
+                                        for p in range(partitions)], limit, peak):
         out.rows_seen += 1
         out.stats += [r["stats"]] if r["stats"] else []
     del ref
     out.tasks += partitions
     out.seconds["decide"] = time.perf_counter() - t0
+    out.peak_mib["decide"] = peak.get("rss", 0) / 2**20
     t0 = time.perf_counter()
     ref = ray.put([f"{shuffle}/exact-{p:05d}.parquet" for p in range(partitions)])
-    for _, count in run_tasks(exact_task, [(ref, g, out.losers_dir) for g in range(groups)], limit):
+    for _, count in run_tasks(exact_task, [(ref, g, out.losers_dir) for g in range(groups)], limit, peak):
         out.rows_seen += 1
         out.exact.count += count
     del ref
     out.tasks += groups
     out.seconds["exact"] = time.perf_counter() - t0
+    out.peak_mib["exact"] = peak.get("rss", 0) / 2**20
     if bar.fuzzy is not None:
-        _fuzzy(bar.fuzzy, shuffle, partitions, groups, buckets, limit, stage_dir, out)
+        _fuzzy(bar.fuzzy, shuffle, partitions, groups, buckets, limit, stage_dir, out, peak)
     shutil.rmtree(shuffle, ignore_errors=True)
     return out
 
@@ -223,7 +241,7 @@ class Forest:
 
 
 def _fuzzy(cfg: FuzzyDedupConfig, shuffle: str, partitions: int, groups: int, buckets: int, limit: int,
-           stage_dir: str, out: Decisions) -> None:
+           stage_dir: str, out: Decisions, peak: dict[str, int]) -> None:
     """Verify the candidates in Ray tasks: a sets_task per group of work files (each work file read once,
     each needed document's set computed once), then a verify_task per bucket of candidate pairs; cluster
     the verified pairs on the driver and write each work file's near-duplicate losers."""
@@ -232,17 +250,18 @@ def _fuzzy(cfg: FuzzyDedupConfig, shuffle: str, partitions: int, groups: int, bu
     t0 = time.perf_counter()
     ref = ray.put([f"{shuffle}/end-{p:05d}.parquet" for p in range(partitions)])
     for _, _n in run_tasks(sets_task, [(ref, g, buckets, cfg, stage_dir, out.losers_dir, shuffle)
-                                       for g in range(groups)], limit):
+                                       for g in range(groups)], limit, peak):
         out.rows_seen += 1
     del ref
     out.tasks += groups
     out.seconds["sets"] = time.perf_counter() - t0
+    out.peak_mib["sets"] = peak.get("rss", 0) / 2**20
     t0 = time.perf_counter()
     forest = Forest()
     cref = ray.put([f"{shuffle}/cand-{p:05d}.parquet" for p in range(partitions)])
     sref = ray.put([f"{shuffle}/sets-{g:05d}.parquet" for g in range(groups)])
     for _, (t, n_cand, n_ver) in run_tasks(verify_task, [(cref, sref, v, buckets, cfg)
-                                                         for v in range(buckets)], limit):
+                                                         for v in range(buckets)], limit, peak):
         out.rows_seen += t.num_rows + 1
         out.candidate_pairs += n_cand
         out.verified_pairs += n_ver
@@ -250,6 +269,7 @@ def _fuzzy(cfg: FuzzyDedupConfig, shuffle: str, partitions: int, groups: int, bu
     del cref, sref
     out.tasks += buckets
     out.seconds["verify"] = time.perf_counter() - t0
+    out.peak_mib["verify"] = peak.get("rss", 0) / 2**20
     losers, files = cluster_losers_arrow(forest.table())
     del forest
     order = np.argsort(files, kind="stable")

@@ -130,6 +130,7 @@ def _dedup_segments(segments: list[Segment], items: list[dict[str, Any]], partit
         pre_steps = dec.steps(seg.barrier)
         timings[f"segment{si}_dedup_s"] = time.time() - t0
         timings.update({f"segment{si}_{k}_s": v for k, v in dec.seconds.items()})  # where the barrier's time went
+        timings.update({f"segment{si}_{k}_worker_peak_mib": v for k, v in dec.peak_mib.items()})
         files = sorted(f"{stage_dir}/{p}" for p in os.listdir(stage_dir) if p.endswith(".parquet"))
         items = dec.next_items(files)
     return items, pre_steps + segments[-1].steps

@@ -33,7 +33,7 @@ from pipelines.data.dedup_shuffle import (
     verify_task,
     write_key_file,
 )
-from pipelines.data.dedup_stage import decide_barrier, task_limit, work_file_id, work_file_name
+from pipelines.data.dedup_stage import BUCKETS_PER_PARTITION, decide_barrier, task_limit, work_file_id, work_file_name
 from pipelines.data.manifest import shard_paths
 from pipelines.data.plan import Barrier
 from pipelines.data.runner import batch_to_table
@@ -126,9 +126,9 @@ def test_decisions_do_not_depend_on_partitions_or_tasks(corpus, tmp_path, ray_se
     assert l1 == l7 == l3  # the same loser files, byte for byte
     assert d1.info(BAR) == d7.info(BAR) == d3.info(BAR)
     # 6 work files. decide: one per partition; exact and sets: one per group of work files (<= partitions);
-    # verify: one per bucket of candidate pairs (max(partitions, tasks in flight))
-    limit = task_limit()
-    assert (d1.tasks, d7.tasks, d3.tasks) == (1 + 1 + 1 + 1, 7 + 6 + 6 + max(7, limit), 3 + 3 + 3 + 3)
+    # verify: one per bucket of candidate pairs (BUCKETS_PER_PARTITION x max(partitions, tasks in flight))
+    k = BUCKETS_PER_PARTITION
+    assert (d1.tasks, d7.tasks, d3.tasks) == (1 + 1 + 1 + k, 7 + 6 + 6 + k * max(7, task_limit()), 3 + 3 + 3 + k * 3)
 
 
 def test_the_driver_receives_names_task_results_and_verified_pairs(corpus, tmp_path, ray_session):
@@ -139,8 +139,9 @@ def test_the_driver_receives_names_task_results_and_verified_pairs(corpus, tmp_p
     key_row_count = sum(t.num_rows for t in tables)
     # one key-file name per work file, one result per task, the verified pairs (cut to a spanning forest)
     assert len(files) + dec.tasks < dec.rows_seen <= len(files) + dec.tasks + dec.verified_pairs
-    assert dec.tasks <= 3 * 4 + max(4, task_limit())  # decide, exact, sets: <= partitions each; verify: buckets
-    assert dec.rows_seen < key_row_count / 10 and dec.rows_seen < dec.candidate_pairs + len(dec.exact)
+    assert dec.tasks <= 3 * 4 + BUCKETS_PER_PARTITION * max(4, task_limit())  # decide, exact, sets; verify
+    # beyond one small result per task, fewer rows than the candidates and exact losers
+    assert dec.rows_seen < key_row_count / 10 and dec.rows_seen - dec.tasks < dec.candidate_pairs + len(dec.exact)
     items = dec.next_items(files)
     for it in items:  # a reference to the loser files travels, never doc ids
         assert len(json.dumps(it, default=lambda o: o.to_json())) < 300
