@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -372,37 +373,52 @@ def group_decisions(key_ds, partitions: int, max_bucket: int = 5000):
     return sorted(set(exact)), pairs, stats
 
 
-def _read_docs(work_files: list[str], ids: set[str], columns: list[str]) -> dict[str, Any]:
-    """doc_id -> row (dict of the requested columns) for the given ids, streaming over the work files."""
+def _iter_docs(work_files: list[str], ids: set[str], columns: list[str],
+               batch_size: int = 4096) -> Iterator[dict[str, Any]]:
+    """Batches of doc_id -> row (dict of the requested columns) for the given ids, streaming over the work
+    files batch_size rows at a time."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     value_set = pa.array(sorted(ids), pa.string())
-    out: dict[str, Any] = {}
     for f in work_files:
         pf = pq.ParquetFile(f)
-        for rb in pf.iter_batches(batch_size=4096, columns=["doc_id"] + columns):
+        for rb in pf.iter_batches(batch_size=batch_size, columns=["doc_id"] + columns):
             t = pa.Table.from_batches([rb])
             t = t.filter(pc.is_in(t.column("doc_id"), value_set=value_set))
             if t.num_rows:
                 d = t.to_pydict()
-                for j, did in enumerate(d["doc_id"]):
-                    out[did] = {c: d[c][j] for c in columns}
+                yield {did: {c: d[c][j] for c in columns} for j, did in enumerate(d["doc_id"])}
+
+
+def _read_docs(work_files: list[str], ids: set[str], columns: list[str]) -> dict[str, Any]:
+    """doc_id -> row (dict of the requested columns) for the given ids, streaming over the work files."""
+    out: dict[str, Any] = {}
+    for rows in _iter_docs(work_files, ids, columns):
+        out.update(rows)
     return out
+
+
+SETS_BATCH_ROWS = 512  # doc_sets hashes this many documents at a time: its word and n-gram arrays stay a few MB
 
 
 def doc_sets(work_files: list[str], ids: set[str], cfg: FuzzyDedupConfig) -> dict[str, np.ndarray]:
     """What verification compares, per document id: its MinHash signature (verify=signature) or its sorted
-    unique word-n-gram hashes (verify=exact), read from the work files."""
+    unique word-n-gram hashes (verify=exact), read from the work files. Texts are read and hashed
+    SETS_BATCH_ROWS documents at a time: only the sets are kept, never a work file's texts and their
+    per-word arrays at once (those were ~5x the text, the largest transient of a sets task)."""
     if not ids:
         return {}
     if cfg.verify == "signature":
         return {i: np.asarray(r["_sig"]) for i, r in _read_docs(work_files, ids, ["_sig"]).items()}
-    rows = _read_docs(work_files, ids, ["text"])
-    order = sorted(rows)
-    gh, goff = word_ngram_hashes([rows[i]["text"] for i in order], cfg.ngram_size)
-    return {i: np.unique(gh[goff[k]:goff[k + 1]]) for k, i in enumerate(order)}
+    out: dict[str, np.ndarray] = {}
+    for rows in _iter_docs(work_files, ids, ["text"], batch_size=SETS_BATCH_ROWS):
+        order = sorted(rows)
+        gh, goff = word_ngram_hashes([rows[i]["text"] for i in order], cfg.ngram_size)
+        del rows
+        out.update({i: np.unique(gh[goff[k]:goff[k + 1]]) for k, i in enumerate(order)})
+    return out
 
 
 def similar(sa: np.ndarray, sb: np.ndarray, cfg: FuzzyDedupConfig) -> bool:

@@ -1,17 +1,17 @@
-"""The dedup barrier's file-based shuffle: key files with one Parquet row group per partition, read by Ray tasks.
+"""The dedup barrier's file-based shuffle: partitioned key files (one part per partition), read by Ray tasks.
 
     write_key_file(key_rows_table, partitions, path)      # in the segment's worker, next to its work file
-    rows = read_partition(key_files, p)                    # in a task: row group p of every key file
+    rows = read_partition(key_files, p)                    # in a task: part p of every key file
     for i, result in run_tasks(decide_task, args, limit): ...   # plain Ray tasks, at most `limit` in flight
 
 The segment before a barrier writes, next to each work file, a *key file*: that batch's dedup key rows
-(pipelines.data.dedup.key_rows) sorted by `_part` (key % partitions), then key and doc_id, one row group per
-partition (empty ones included), so a reader of partition p reads only row group p of each file (the
-footer holds the offsets). The barrier (pipelines.data.dedup_stage) then runs plain Ray tasks, never a
+(pipelines.data.dedup.key_rows) sorted by `_part` (key % partitions), then key and doc_id, one part per
+partition (PartWriter: Arrow IPC segments and a trailer of their offsets), so a reader of partition p
+reads only part p of each file, with a few seeks (not a footer of every partition's offsets). The barrier (pipelines.data.dedup_stage) then runs plain Ray tasks, never a
 Ray Data groupby: `decide_task` per partition (decide_group: exact losers, LSH candidate pairs; the
 batches' stats rows merged on the way) writes its exact losers partitioned by group of work files, its
 candidate pairs partitioned by bucket (doc_bucket of the pair's first doc_id) and the pairs' two ends
-(doc, work file, bucket) partitioned by group of work files, one row group per group / bucket;
+(doc, work file, bucket) partitioned by group of work files, one part per group / bucket;
 `exact_task` per group writes each work file's exact-loser file; `sets_task` per group reads each of its
 work files once and writes the set of every needed document (not an exact loser) to the buckets that need
 it; `verify_task` per bucket joins its pairs with those sets and returns only the verified pairs, cut to a
@@ -23,9 +23,11 @@ Does not: hash documents (pipelines.data.dedup) or run the barrier's phases (pip
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -64,7 +66,12 @@ def work_file_name(order: int, k: int) -> str:
 
 
 def key_file_name(order: int, k: int) -> str:
-    return f"k{order:06d}-{k:06d}.parquet"
+    return f"k{order:06d}-{k:06d}.parts"
+
+
+def shuffle_file(shuffle: str, kind: str, i: int) -> str:
+    """A barrier task's output in the shuffle folder: exact / cand / end (per partition), sets (per group)."""
+    return f"{shuffle}/{kind}-{i:05d}.parts"
 
 
 def work_file_id(order: int, k: int) -> int:
@@ -95,9 +102,103 @@ def _parquet_bytes(writer_fn: Callable[[Any], None], schema: pa.Schema) -> bytes
     return sink.getvalue().to_pybytes()
 
 
+PART_MAGIC = b"RGPARTS1"
+_TRAILER = struct.Struct("<qqqq8s")  # schema offset, schema length, segments, parts, magic
+_IPC = pa.ipc.IpcWriteOptions(compression="lz4")
+
+
+class PartWriter:
+    """A partitioned shuffle file, written as it goes: Arrow IPC segments (lz4) appended in any order, each
+    tagged with its part, then the schema, every segment's byte range grouped by part (CSR: the ranges,
+    then n_parts + 1 pointers) and a fixed trailer. A reader of part p reads the trailer, two pointers, its
+    ranges and its segments: a few seeks whatever the number of parts (a Parquet footer with one row group
+    per part is O(parts) to parse on every read, and every file is read once per part). Atomic: written to
+    a temp file in the same directory and renamed by close(); readers see the whole file or none."""
+
+    def __init__(self, path: str, schema: pa.Schema, n_parts: int):
+        self.path, self.schema, self.n = path, schema, n_parts
+        self.tmp = f"{os.path.dirname(path) or '.'}/.{os.path.basename(path)}.tmp-{os.getpid()}"
+        self.f = pa.OSFile(self.tmp, "wb")
+        self.seg_part: list[int] = []
+        self.seg_range: list[tuple[int, int]] = []
+
+    def write(self, p: int, table: pa.Table) -> None:
+        if not 0 <= p < self.n:
+            raise ValueError(f"{self.path}: part {p} out of range [0, {self.n})")
+        if not table.num_rows:
+            return
+        start = self.f.tell()
+        with pa.ipc.new_stream(self.f, self.schema, options=_IPC) as w:
+            w.write_table(table)
+        self.seg_part.append(p)
+        self.seg_range.append((start, self.f.tell()))
+
+    def close(self) -> None:
+        schema_at = self.f.tell()
+        self.f.write(self.schema.serialize())
+        schema_len = self.f.tell() - schema_at
+        order = np.argsort(np.asarray(self.seg_part, np.int64), kind="stable")
+        ranges = np.asarray(self.seg_range, "<i8").reshape(-1, 2)[order]
+        ptr = np.concatenate(([0], np.cumsum(np.bincount(np.asarray(self.seg_part, np.int64),
+                                                         minlength=self.n)))).astype("<i8")
+        self.f.write(ranges.tobytes())
+        self.f.write(ptr.tobytes())
+        self.f.write(_TRAILER.pack(schema_at, schema_len, len(ranges), self.n, PART_MAGIC))
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.tmp)
+
+    def __enter__(self) -> PartWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.abort() if exc_type else self.close()
+
+
+def part_count(path: str) -> int:
+    """How many parts a partitioned shuffle file has."""
+    with pa.OSFile(path) as f:
+        return _trailer(f, path)[3]
+
+
+def _trailer(f, path: str) -> tuple[int, int, int, int]:
+    size = f.size()
+    if size < _TRAILER.size:
+        raise ValueError(f"{path}: not a raygpt shuffle file ({size} bytes); remove the stage's shuffle folder "
+                         "and re-run")
+    f.seek(size - _TRAILER.size)
+    so, sl, segs, n, magic = _TRAILER.unpack(f.read(_TRAILER.size))
+    if magic != PART_MAGIC:
+        raise ValueError(f"{path}: not a raygpt shuffle file (trailer {magic!r}, expected {PART_MAGIC!r}); "
+                         "remove the stage's shuffle folder and re-run")
+    return so, sl, segs, n
+
+
+def read_part(path: str, p: int, columns: Sequence[str] | None = None) -> pa.Table:
+    """Part p of a partitioned shuffle file (only its segments are read; empty with the file's schema)."""
+    with pa.OSFile(path) as f:
+        so, sl, segs, n = _trailer(f, path)
+        if not 0 <= p < n:
+            raise ValueError(f"{path}: part {p} out of range [0, {n})")
+        ptr_at = f.size() - _TRAILER.size - 8 * (n + 1)
+        a, b = struct.unpack("<qq", f.read_at(16, ptr_at + 8 * p))
+        ranges = np.frombuffer(f.read_at(16 * (b - a), ptr_at - 16 * segs + 16 * a), "<i8").reshape(-1, 2) \
+            if b > a else np.zeros((0, 2), np.int64)
+        tables = [pa.ipc.open_stream(f.read_at(int(e - s), int(s))).read_all() for s, e in ranges.tolist()]
+        if not tables:
+            schema = pa.ipc.read_schema(pa.py_buffer(f.read_at(sl, so)))
+            tables = [schema.empty_table()]
+    t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    return t.select(list(columns)) if columns else t
+
+
 def write_partitioned(table: pa.Table, col: str, n: int, path: str, sort_keys: Sequence[str] = ()) -> None:
-    """Write `table` to `path` with exactly n row groups: row group p holds the rows whose `col` is p (empty
-    when none), sorted by sort_keys. Atomic: readers see the whole file or none."""
+    """Write `table` to `path` as a partitioned shuffle file of n parts: part p holds the rows whose `col` is
+    p, sorted by sort_keys. Atomic: readers see the whole file or none."""
     part = table.column(col).to_numpy()
     if part.size and (part.min() < 0 or part.max() >= n):
         raise ValueError(f"{path}: column {col!r} must be in [0, {n}), got [{part.min()}, {part.max()}]")
@@ -105,28 +206,20 @@ def write_partitioned(table: pa.Table, col: str, n: int, path: str, sort_keys: S
     table = table.take(pc.sort_indices(table, sort_keys=keys)) if table.num_rows > 1 else table
     counts = np.bincount(table.column(col).to_numpy(), minlength=n) if table.num_rows else np.zeros(n, np.int64)
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-
-    def write(w) -> None:
-        for p in range(n):
-            c = int(counts[p])
-            w.write_table(table.slice(int(starts[p]), c), row_group_size=max(1, c))
-
-    # streamed to a temp file in the same directory, then renamed: never the whole file in memory
-    tmp = f"{os.path.dirname(path) or '.'}/.{os.path.basename(path)}.tmp-{os.getpid()}"
-    with pq.ParquetWriter(tmp, table.schema, compression="snappy") as w:
-        write(w)
-    os.replace(tmp, path)
+    with PartWriter(path, table.schema, n) as w:  # streamed to a temp file: never the whole file in memory
+        for p in np.flatnonzero(counts).tolist():
+            w.write(p, table.slice(int(starts[p]), int(counts[p])))
 
 
 def write_key_file(keys: pa.Table, partitions: int, path: str) -> str:
-    """One batch's key rows (with `_part` = key % partitions) -> a key file, one row group per partition."""
+    """One batch's key rows (with `_part` = key % partitions) -> a key file, one part per partition."""
     write_partitioned(keys, "_part", partitions, path, sort_keys=("key", "doc_id"))
     return path
 
 
 def read_partition(paths: Sequence[str], p: int, columns: Sequence[str] | None = None) -> pa.Table | None:
-    """Row group p of every file (only its pages are read: the footer gives their offsets); None: no files."""
-    tables = [pq.ParquetFile(f).read_row_group(p, columns=list(columns) if columns else None) for f in paths]
+    """Part p of every file (only its segments are read: the trailer gives their offsets); None: no files."""
+    tables = [read_part(f, p, columns) for f in paths]
     return pa.concat_tables(tables) if tables else None
 
 
@@ -139,9 +232,14 @@ def spread(ids: np.ndarray, n: int) -> np.ndarray:
     return (x % np.uint64(max(1, n))).astype(np.int64)
 
 
+DOC_BUCKET_CHUNK_BYTES = 1 << 18  # doc_bucket hashes ids in chunks of ~256 KB of UTF-8: ~40 bytes of numpy per byte
+
+
 def doc_bucket(ids: pa.Array | pa.ChunkedArray, n: int) -> np.ndarray:
     """A deterministic hash of doc_id strings -> [0, n): a polynomial hash of each id's UTF-8 bytes, computed
-    on the Arrow buffers (no Python object per id), then spread."""
+    on the Arrow buffers (no Python object per id), then spread. The per-byte work arrays are uint64 (~40
+    bytes of numpy per byte of id), so ids are hashed in chunks of DOC_BUCKET_CHUNK_BYTES: memory stays a
+    few MB whatever the number of ids (the whole column at once was ~130 MB for a 130k-row partition)."""
     arr = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
     arr = arr.cast(pa.large_string())
     if len(arr) == 0:
@@ -149,18 +247,36 @@ def doc_bucket(ids: pa.Array | pa.ChunkedArray, n: int) -> np.ndarray:
     if arr.offset:
         arr = pa.concat_arrays([arr])  # a fresh array: offsets start at the first id
     offsets = np.frombuffer(arr.buffers()[1], np.int64)[:len(arr) + 1]
-    data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].astype(np.uint64) \
-        if offsets[-1] > offsets[0] else np.zeros(0, np.uint64)
-    starts, lens = offsets[:-1] - offsets[0], np.diff(offsets)
+    raw = np.frombuffer(arr.buffers()[2], np.uint8) if offsets[-1] > offsets[0] else np.zeros(0, np.uint8)
+    h = np.zeros(len(arr), np.uint64)
+    # chunk boundaries (id indices) at about every DOC_BUCKET_CHUNK_BYTES of string data
+    cuts = np.unique(np.searchsorted(offsets, np.arange(offsets[0], offsets[-1], DOC_BUCKET_CHUNK_BYTES),
+                                     side="right") - 1)
+    bounds = np.append(cuts[cuts < len(arr)], len(arr)) if cuts.size else np.array([0, len(arr)])
+    if bounds[0] != 0:
+        bounds = np.insert(bounds, 0, 0)
+    for i, j in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        if j > i:
+            h[i:j] = _poly_hash(raw, offsets[i:j + 1])
+    return spread(h.view(np.int64), n)
+
+
+def _poly_hash(raw: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The polynomial hash of the ids whose UTF-8 bytes are raw[offsets[k]:offsets[k + 1]] (0 when empty)."""
+    lens = np.diff(offsets)
+    h = np.zeros(lens.size, np.uint64)
+    if offsets[-1] <= offsets[0]:
+        return h
+    data = raw[offsets[0]:offsets[-1]].astype(np.uint64)
+    starts = offsets[:-1] - offsets[0]
     pos = np.arange(data.size) - np.repeat(starts, lens)  # position of each byte inside its id
     with np.errstate(over="ignore"):
-        powers = np.uint64(1099511628211) ** np.arange(int(lens.max()) + 1 if lens.size else 1, dtype=np.uint64)
+        powers = np.uint64(1099511628211) ** np.arange(int(lens.max()) + 1, dtype=np.uint64)
         weighted = (data + np.uint64(1)) * powers[pos]
-    h = np.zeros(len(arr), np.uint64)
     nz = lens > 0
     if nz.any():
         h[nz] = np.add.reduceat(weighted, starts[nz])
-    return spread(h.view(np.int64) if h.size else h.astype(np.int64), n)
+    return h
 
 
 def write_losers(losers_dir: str, name: str, fid: int, ids) -> None:
@@ -204,21 +320,24 @@ def _measured(fn: Callable[..., Any], *a: Any) -> tuple[Any, int]:
     import resource
 
     result = fn(*a)
+    # hand the task's freed Arrow pages back to the OS: the worker runs the next task from its baseline,
+    # not from what the allocator kept of this one
+    pa.default_memory_pool().release_unused()
     return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def decide_task(key_files: list[str], p: int, max_bucket: int, n_groups: int, n_buckets: int,
                 out_dir: str) -> dict[str, Any]:
-    """Partition p: row group p of every key file -> decide_group -> exact losers to exact-<p>.parquet (one
-    row group per group of work files). With n_buckets > 0, its candidate pairs to cand-<p>.parquet (one row
-    group per bucket, the bucket of the pair's first doc_id) and the documents they need to
-    end-<p>.parquet (doc, file, bucket: one row group per group of work files, so that each work file is
+    """Partition p: part p of every key file -> decide_group -> exact losers to exact-<p>.parts (one part
+    per group of work files). With n_buckets > 0, its candidate pairs to cand-<p>.parts (one part per
+    bucket, the bucket of the pair's first doc_id) and the documents they need to
+    end-<p>.parts (doc, file, bucket: one part per group of work files, so that each work file is
     read by one sets_task). Returns counts and the partition's stats rows merged."""
     merged: dict[str, Any] = {"steps": {}}
     n_stats = 0
     parts = []
     for f in key_files:
-        t = pq.ParquetFile(f).read_row_group(p)
+        t = read_part(f, p)
         st = t.column("kind").to_numpy() == KIND_STATS
         if st.any():
             for js in t.column("doc_id").filter(pa.array(st)).to_pylist():
@@ -233,19 +352,19 @@ def decide_task(key_files: list[str], p: int, max_bucket: int, n_groups: int, n_
     kind = dec.column("kind").to_numpy()
     ex = dec.filter(pa.array(kind == KIND_EXACT)).select(["a", "fa"])
     ex = ex.append_column("_g", pa.array(spread(ex.column("fa").to_numpy(), n_groups)))
-    write_partitioned(ex, "_g", n_groups, f"{out_dir}/exact-{p:05d}.parquet", sort_keys=("fa", "a"))
+    write_partitioned(ex, "_g", n_groups, shuffle_file(out_dir, "exact", p), sort_keys=("fa", "a"))
     cand = dec.filter(pa.array(kind == KIND_BAND)).select(["a", "b", "fa", "fb"])
     del dec
     if n_buckets:
         v = pa.array(doc_bucket(cand.column("a"), n_buckets))
         cand = cand.append_column("_v", v)
-        write_partitioned(cand, "_v", n_buckets, f"{out_dir}/cand-{p:05d}.parquet", sort_keys=("a", "b"))
+        write_partitioned(cand, "_v", n_buckets, shuffle_file(out_dir, "cand", p), sort_keys=("a", "b"))
         ends = pa.table({"doc": pa.chunked_array(cand.column("a").chunks + cand.column("b").chunks),
                          "file": pa.chunked_array(cand.column("fa").chunks + cand.column("fb").chunks),
                          "_v": pa.chunked_array(cand.column("_v").chunks * 2)})
         ends = ends.group_by(["doc", "file", "_v"], use_threads=False).aggregate([])
         ends = ends.append_column("_g", pa.array(spread(ends.column("file").to_numpy(), n_groups)))
-        write_partitioned(ends, "_g", n_groups, f"{out_dir}/end-{p:05d}.parquet", sort_keys=("file", "doc", "_v"))
+        write_partitioned(ends, "_g", n_groups, shuffle_file(out_dir, "end", p), sort_keys=("file", "doc", "_v"))
     return {"exact": ex.num_rows, "cand": cand.num_rows, "stats": json.dumps(merged) if n_stats else ""}
 
 
@@ -284,18 +403,16 @@ def exact_task(exact_files: list[str], g: int, losers_dir: str) -> int:
 
 def sets_task(end_files: list[str], g: int, n_buckets: int, cfg: FuzzyDedupConfig, stage_dir: str,
               losers_dir: str, out_dir: str) -> int:
-    """Group g of work files: the documents that candidate pairs need from them (row group g of every end
+    """Group g of work files: the documents that candidate pairs need from them (part g of every end
     file), each work file read once and each document's set (doc_sets: shingle hashes or signature) computed
     once, exact losers left out (their winner has the same buckets, so their pairs are redundant). Writes
-    sets-<g>.parquet: for each work file of the group in turn, n_buckets row groups (doc, set), row group
-    k * n_buckets + v holding the documents bucket v needs; so verify_task v reads every n_buckets-th row
-    group, and this task holds one work file's sets at a time. Returns the number of documents written."""
+    sets-<g>.parts: for each work file of the group in turn, one segment (doc, set) per bucket v that needs
+    its documents, tagged part v; so verify_task v reads part v, and this task holds one work file's sets
+    at a time. Returns the number of documents written."""
     t = read_partition(end_files, g, ["doc", "file", "_v"])
-    path = f"{out_dir}/sets-{g:05d}.parquet"
-    tmp = f"{out_dir}/.sets-{g:05d}.parquet.tmp-{os.getpid()}"
     schema = pa.schema([("doc", pa.string()), ("set", pa.large_list(_set_type(cfg)))])
     n = 0
-    with pq.ParquetWriter(tmp, schema, compression="snappy") as w:
+    with PartWriter(shuffle_file(out_dir, "sets", g), schema, max(1, n_buckets)) as w:
         if t is not None and t.num_rows:
             t = t.group_by(["file", "doc", "_v"], use_threads=False).aggregate([])
             t = t.sort_by([("file", "ascending"), ("doc", "ascending"), ("_v", "ascending")])
@@ -308,24 +425,23 @@ def sets_task(end_files: list[str], g: int, n_buckets: int, cfg: FuzzyDedupConfi
                     part = part.filter(pc.invert(pc.is_in(part.column("doc"), value_set=gone)))
                 docs = part.column("doc").to_pylist()
                 sets = doc_sets([os.path.join(stage_dir, file_name_of(fid))], set(docs), cfg)
-                found = np.array([d in sets for d in docs], dtype=bool)
-                part = part.filter(pa.array(found))
-                docs = [d for d, f in zip(docs, found) if f]
-                vals = [sets[d] for d in docs]
-                col = pa.LargeListArray.from_arrays(
-                    pa.array(np.cumsum([0] + [x.size for x in vals]), pa.int64()),
-                    pa.array(np.concatenate(vals) if vals else np.zeros(0), _set_type(cfg)))
-                out = pa.table({"doc": part.column("doc"), "set": col, "_v": part.column("_v")})
-                vs = out.column("_v").to_numpy()
+                part = part.filter(pa.array([d in sets for d in docs], pa.bool_()))
+                # by bucket, then doc: each bucket is one slice, its sets gathered in that order (a bucket's
+                # worth of set values at a time, no sorted copy of the whole file's sets)
+                part = part.sort_by([("_v", "ascending"), ("doc", "ascending")])
+                vs = part.column("_v").to_numpy()
                 counts = np.bincount(vs, minlength=n_buckets) if vs.size else np.zeros(n_buckets, np.int64)
                 starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-                out = out.take(pc.sort_indices(out, sort_keys=[("_v", "ascending"), ("doc", "ascending")]))
-                out = out.select(["doc", "set"])
-                for v in range(n_buckets):
-                    c = int(counts[v])
-                    w.write_table(out.slice(int(starts[v]), c), row_group_size=max(1, c))
-                n += len(docs)
-    os.replace(tmp, path)
+                docs = part.column("doc").to_pylist()
+                for v in np.flatnonzero(counts).tolist():
+                    a, b = int(starts[v]), int(starts[v] + counts[v])
+                    vals = [sets[d] for d in docs[a:b]]
+                    col = pa.LargeListArray.from_arrays(
+                        pa.array(np.cumsum([0] + [x.size for x in vals]), pa.int64()),
+                        pa.array(np.concatenate(vals), _set_type(cfg)))
+                    w.write(v, pa.table({"doc": part.column("doc").slice(a, b - a), "set": col}))
+                n += part.num_rows
+                del sets
     return n
 
 
@@ -335,8 +451,8 @@ def _set_type(cfg: FuzzyDedupConfig) -> pa.DataType:
 
 def verify_task(cand_files: list[str], sets_files: list[str], v: int, n_buckets: int,
                 cfg: FuzzyDedupConfig) -> tuple[pa.Table, int, int]:
-    """Bucket v: its unique candidate pairs (row group v of every cand file) and the sets of the documents
-    they need (row groups v, v + n_buckets, ... of every sets file) -> the pairs whose two documents both
+    """Bucket v: its unique candidate pairs (part v of every cand file) and the sets of the documents
+    they need (part v of every sets file) -> the pairs whose two documents both
     have a set (neither is an exact loser) checked with `similar`. Returns the verified pairs reduced to a
     spanning forest (spanning_edges: the same connected components, one edge per member that is not its
     component's smallest doc_id), the number of candidates checked and the number of pairs verified."""
@@ -346,12 +462,7 @@ def verify_task(cand_files: list[str], sets_files: list[str], v: int, n_buckets:
     if t is None or not t.num_rows:
         return empty, 0, 0
     t = t.group_by(["a", "b", "fa", "fb"], use_threads=False).aggregate([])
-    parts = []
-    for f in sets_files:
-        pf = pq.ParquetFile(f)
-        parts += [pf.read_row_group(k * n_buckets + v) for k in range(pf.num_row_groups // n_buckets)]
-    sets = pa.concat_tables(parts) if parts else None
-    del parts
+    sets = read_partition(sets_files, v)
     if sets is None or not sets.num_rows:
         return empty, 0, 0
     docs = sets.column("doc").combine_chunks()

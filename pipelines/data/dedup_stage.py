@@ -3,9 +3,9 @@
     dec = decide_barrier(bar, key_ds, partitions, stage_dir)     # on the driver, after a segment
     items = dec.next_items(work_files)                            # each item names its own losers file
 
-The segment writes, next to each work file, a key file partitioned by `_part` (one Parquet row group per
+The segment writes, next to each work file, a key file partitioned by `_part` (one part per
 partition: pipelines.data.dedup_shuffle), and the driver receives only the key files' names. Plain Ray
-tasks, at most one per CPU in flight, then do the rest through files: one per partition reads row group p
+tasks, at most one per CPU in flight, then do the rest through files: one per partition reads part p
 of every key file and decides it (pipelines.data.dedup.decide_group: exact losers, LSH candidate pairs,
 the stats rows merged); one per group of work files writes `<stage>/losers/exact_dedup-<file>.parquet`;
 one per group of work files ("sets") reads each of its work files once and computes the set (shingle
@@ -46,6 +46,7 @@ from pipelines.data.dedup_shuffle import (
     run_tasks,
     sets_task,
     shuffle_dir,
+    shuffle_file,
     spanning_edges,
     verify_task,
     work_file_id,
@@ -149,7 +150,7 @@ class KeyFiles:
             t = t.select(["key_file"])
         else:
             os.makedirs(self.dir, exist_ok=True)
-            path = f"{self.dir}/x-{uuid.uuid4().hex}.parquet"
+            path = f"{self.dir}/x-{uuid.uuid4().hex}.parts"
             write_key_file(t, self.partitions, path)
             t = pa.table({"key_file": pa.array([path], pa.string())})
         return t.append_column("rss", pa.array(np.full(t.num_rows, rss, np.int64)))
@@ -202,7 +203,7 @@ def decide_barrier(bar: Barrier, key_ds, partitions: int, stage_dir: str, limit:
     out.seconds["decide"] = time.perf_counter() - t0
     out.peak_mib["decide"] = peak.get("rss", 0) / 2**20
     t0 = time.perf_counter()
-    ref = ray.put([f"{shuffle}/exact-{p:05d}.parquet" for p in range(partitions)])
+    ref = ray.put([shuffle_file(shuffle, "exact", p) for p in range(partitions)])
     for _, count in run_tasks(exact_task, [(ref, g, out.losers_dir) for g in range(groups)], limit, peak):
         out.rows_seen += 1
         out.exact.count += count
@@ -248,7 +249,7 @@ def _fuzzy(cfg: FuzzyDedupConfig, shuffle: str, partitions: int, groups: int, bu
     import ray
 
     t0 = time.perf_counter()
-    ref = ray.put([f"{shuffle}/end-{p:05d}.parquet" for p in range(partitions)])
+    ref = ray.put([shuffle_file(shuffle, "end", p) for p in range(partitions)])
     for _, _n in run_tasks(sets_task, [(ref, g, buckets, cfg, stage_dir, out.losers_dir, shuffle)
                                        for g in range(groups)], limit, peak):
         out.rows_seen += 1
@@ -258,8 +259,8 @@ def _fuzzy(cfg: FuzzyDedupConfig, shuffle: str, partitions: int, groups: int, bu
     out.peak_mib["sets"] = peak.get("rss", 0) / 2**20
     t0 = time.perf_counter()
     forest = Forest()
-    cref = ray.put([f"{shuffle}/cand-{p:05d}.parquet" for p in range(partitions)])
-    sref = ray.put([f"{shuffle}/sets-{g:05d}.parquet" for g in range(groups)])
+    cref = ray.put([shuffle_file(shuffle, "cand", p) for p in range(partitions)])
+    sref = ray.put([shuffle_file(shuffle, "sets", g) for g in range(groups)])
     for _, (t, n_cand, n_ver) in run_tasks(verify_task, [(cref, sref, v, buckets, cfg)
                                                          for v in range(buckets)], limit, peak):
         out.rows_seen += t.num_rows + 1

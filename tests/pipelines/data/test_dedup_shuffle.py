@@ -27,6 +27,8 @@ from pipelines.data.dedup_shuffle import (
     decide_task,
     doc_bucket,
     exact_task,
+    part_count,
+    read_part,
     read_partition,
     sets_task,
     spanning_edges,
@@ -87,21 +89,20 @@ def _stage(ids, docs, stage_dir, partitions, per_file=20):
     return files, ray.data.from_arrow(tables), tables
 
 
-def test_a_key_file_has_one_row_group_per_partition(corpus, tmp_path):
+def test_a_key_file_has_one_part_per_partition(corpus, tmp_path):
     ids, docs = corpus
     _, _, tables = _stage(ids[:40], docs[:40], tmp_path / "stage", partitions=5)
-    paths = [write_key_file(t, 5, str(tmp_path / f"k{i}.parquet")) for i, t in enumerate(tables)]
+    paths = [write_key_file(t, 5, str(tmp_path / f"k{i}.parts")) for i, t in enumerate(tables)]
     for path, t in zip(paths, tables):
-        pf = pq.ParquetFile(path)
-        assert pf.num_row_groups == 5
-        assert [pf.metadata.row_group(p).num_rows for p in range(5)] == \
+        assert part_count(path) == 5
+        assert [read_part(path, p).num_rows for p in range(5)] == \
             np.bincount(t.column("_part").to_numpy(), minlength=5).tolist()
     for p in range(5):
         got = read_partition(paths, p)
         assert set(got.column("_part").to_pylist()) <= {p}
         want = sorted((r["key"], r["doc_id"]) for t in tables for r in t.to_pylist() if r["_part"] == p)
         assert sorted(zip(got.column("key").to_pylist(), got.column("doc_id").to_pylist())) == want
-        one = pq.ParquetFile(paths[0]).read_row_group(p)  # sorted by key, then doc_id, inside a row group
+        one = read_part(paths[0], p)  # sorted by key, then doc_id, inside a part
         pairs = list(zip(one.column("key").to_pylist(), one.column("doc_id").to_pylist()))
         assert pairs == sorted(pairs)
     assert sum(read_partition(paths, p).num_rows for p in range(5)) == sum(t.num_rows for t in tables)
@@ -210,23 +211,21 @@ def test_verification_reads_each_work_file_once(corpus, tmp_path, monkeypatch, r
     files, _, tables = _stage(ids, docs, stage, 3)
     shuffle, losers = tmp_path / "shuffle", tmp_path / "losers"
     shuffle.mkdir()
-    keys = [write_key_file(t, 3, str(shuffle / f"k{i}.parquet")) for i, t in enumerate(tables)]
+    keys = [write_key_file(t, 3, str(shuffle / f"k{i}.parts")) for i, t in enumerate(tables)]
     groups, buckets = 3, 4
     cand = sum(decide_task(keys, p, 5000, groups, buckets, str(shuffle))["cand"] for p in range(3))
-    ends = [str(shuffle / f"end-{p:05d}.parquet") for p in range(3)]
+    ends = [str(shuffle / f"end-{p:05d}.parts") for p in range(3)]
     for g in range(groups):
-        exact_task([str(shuffle / f"exact-{p:05d}.parquet") for p in range(3)], g, str(losers))
+        exact_task([str(shuffle / f"exact-{p:05d}.parts") for p in range(3)], g, str(losers))
     reads = []
     real = dedup_shuffle.doc_sets
     monkeypatch.setattr(dedup_shuffle, "doc_sets", lambda paths, need, cfg: reads.append(paths) or real(paths, need, cfg))
     n_sets = sum(sets_task(ends, g, buckets, FUZZY, str(stage), str(losers), str(shuffle)) for g in range(groups))
     assert sorted(p for paths in reads for p in paths) == sorted(set(files))  # each work file once
-    sets_files = [str(shuffle / f"sets-{g:05d}.parquet") for g in range(groups)]
-    per_bucket = [[d for f in sets_files for k in range(pq.ParquetFile(f).num_row_groups // buckets)
-                   for d in pq.ParquetFile(f).read_row_group(k * buckets + v).column("doc").to_pylist()]
-                  for v in range(buckets)]
+    sets_files = [str(shuffle / f"sets-{g:05d}.parts") for g in range(groups)]
+    per_bucket = [[d for f in sets_files for d in read_part(f, v).column("doc").to_pylist()] for v in range(buckets)]
     assert all(len(b) == len(set(b)) for b in per_bucket) and sum(map(len, per_bucket)) == n_sets
-    got = [verify_task([str(shuffle / f"cand-{p:05d}.parquet") for p in range(3)], sets_files, v, buckets, FUZZY)
+    got = [verify_task([str(shuffle / f"cand-{p:05d}.parts") for p in range(3)], sets_files, v, buckets, FUZZY)
            for v in range(buckets)]
     checked = sum(n for _, n, _ in got)
     assert 0 < checked <= cand
@@ -250,3 +249,58 @@ def test_doc_bucket_is_a_stable_spread_of_ids():
     assert (doc_bucket(pa.array(ids).slice(50, 30), 7) == b[50:80]).all()
     assert (doc_bucket(pa.array(ids, pa.large_string()), 7) == b).all()
     assert len({int(x) for x in doc_bucket(pa.array(["x"] * 5), 1000)}) == 1
+
+
+def test_doc_bucket_and_doc_sets_work_in_chunks_with_the_same_result(corpus, tmp_path, monkeypatch):
+    """Both hash in bounded chunks (of id bytes / of documents) so their memory does not grow with the
+    partition or the work file; the chunk size changes nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.data import dedup
+
+    ids = pa.array([f"doc-{i}-" + "x" * (i % 37) for i in range(3000)] + ["", "é" * 300])
+    whole = doc_bucket(ids, 11)
+    for chunk in (1, 7, 4096):
+        monkeypatch.setattr(dedup_shuffle, "DOC_BUCKET_CHUNK_BYTES", chunk)
+        assert (doc_bucket(ids, 11) == whole).all()
+    doc_ids, docs = corpus
+    path = str(tmp_path / "w.parquet")
+    pq.write_table(pa.table({"doc_id": doc_ids, "text": docs}), path, row_group_size=17)
+    want = set(doc_ids[::3])
+    monkeypatch.setattr(dedup, "SETS_BATCH_ROWS", 1 << 20)
+    ref = dedup.doc_sets([path], want, FUZZY)
+    assert sorted(ref) == sorted(want)
+    for rows in (1, 5):
+        monkeypatch.setattr(dedup, "SETS_BATCH_ROWS", rows)
+        got = dedup.doc_sets([path], want, FUZZY)
+        assert sorted(got) == sorted(ref) and all(np.array_equal(got[k], ref[k]) for k in ref)
+
+
+def test_a_part_file_reads_each_part_alone_in_any_write_order(tmp_path):
+    """Segments written in any order, several per part, come back per part in write order; an empty part has
+    the schema; a file that is not one, or a part out of range, fails naming the file; a failed write
+    leaves neither the file nor its temp file."""
+    import pyarrow as pa
+
+    schema = pa.schema([("doc", pa.string()), ("v", pa.int64())])
+    path = str(tmp_path / "x.parts")
+    with dedup_shuffle.PartWriter(path, schema, 4) as w:
+        for p, rows in [(2, [1, 2]), (0, [3]), (2, [4]), (3, [])]:
+            w.write(p, pa.table({"doc": [f"d{r}" for r in rows], "v": rows}, schema=schema))
+    assert part_count(path) == 4
+    assert read_part(path, 2).column("v").to_pylist() == [1, 2, 4]
+    assert read_part(path, 0).to_pylist() == [{"doc": "d3", "v": 3}]
+    for p in (1, 3):
+        assert read_part(path, p).num_rows == 0 and read_part(path, p).schema == schema
+    assert read_part(path, 2, ["v"]).column_names == ["v"]
+    with pytest.raises(ValueError, match="out of range"):
+        read_part(path, 4)
+    bad = tmp_path / "bad.parts"
+    bad.write_bytes(b"not a shuffle file at all, just some bytes here")
+    with pytest.raises(ValueError, match=r"bad\.parts: not a raygpt shuffle file"):
+        read_part(str(bad), 0)
+    with pytest.raises(RuntimeError), dedup_shuffle.PartWriter(str(tmp_path / "y.parts"), schema, 2) as w:
+        w.write(0, pa.table({"doc": ["a"], "v": [1]}, schema=schema))
+        raise RuntimeError("crash mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parts", "x.parts"]
