@@ -119,7 +119,15 @@ class Forward:
             self.model = model.eval()
         else:
             packed = kernel == "onednn"
-            self._load_weights(model, packed)
+            try:
+                self._load_weights(model, packed)
+            except RuntimeError:
+                # oneDNN packs bf16 only on CPUs with AVX512-BW/VL/DQ or AVX-NE-CONVERT (it raises elsewhere,
+                # e.g. on AVX2-only CPUs): use the plain GEMM, as for a failed probe below
+                if not packed:
+                    raise
+                packed, kernel = False, "torch"
+                self._load_weights(model, packed=False)
             if packed and not self._probe(model):
                 kernel = "torch"  # exotic CPU/build: oneDNN disagrees with nn.Linear, use the plain GEMM
                 self._load_weights(model, packed=False)

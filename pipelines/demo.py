@@ -72,7 +72,9 @@ class DemoConfig:
     # demo trains, so one worker gets every core (measured, 2 cores: 367 vs 587 ms per step with 1 thread)
     torch_threads: int = 0
     zero_stage: int = 1
-    precision: str = "bf16"  # bf16 autocast on CPUs that support it; fp32 elsewhere
+    # auto: bf16 autocast where the CPU runs bf16 natively (AVX512-BF16 / AMX), fp32 elsewhere (an AVX2-only
+    # CPU refuses precision=bf16: emulated bf16 would be slower than fp32)
+    precision: str = "auto"
     max_new_tokens: int = 40
     # summaries: greedy (num_beams 1) or beam search, with copy_bias (logits added to the docstring's tokens;
     # gptcore.sampling.SamplingParams.copy_bias) so the tiny model reuses the text's words; 0.0: off
@@ -103,6 +105,15 @@ class DemoConfig:
             errs.append(f"torch_threads: must be >= 0 (0 = cores / num_workers), got {self.torch_threads!r}")
         if errs:
             raise ConfigError("invalid demo config:\n  - " + "\n  - ".join(errs))
+
+
+def _precision(cfg: DemoConfig) -> str:
+    """The precision the workers will run ("auto" resolved on this machine, which is where they run)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    from pipelines.train.deepspeed import auto_precision
+
+    return f"auto = {auto_precision(use_gpu=False)}"
 
 
 def _say(stage: str, msg: str) -> None:
@@ -228,7 +239,7 @@ def _train(cfg: DemoConfig, name: str, data: Path, run_dir: Path, steps: int, in
         "sft": bool(init_path),
     })
     _say(name, f"{steps} steps of {cfg.preset} (block {cfg.block_size}) on {data.name}, "
-               f"{cfg.num_workers} worker(s) x {tc.torch_threads} thread(s), ZeRO-{cfg.zero_stage}, {cfg.precision} "
+               f"{cfg.num_workers} worker(s) x {tc.torch_threads} thread(s), ZeRO-{cfg.zero_stage}, {_precision(cfg)} "
                f"-> {run_dir}")
     res = train_run(tc)
     r = {"run_dir": str(res.run_dir), "steps": res.steps, "final_loss": res.final_loss,
