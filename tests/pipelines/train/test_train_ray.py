@@ -41,12 +41,7 @@ def _cfg(data, run_dir, **kw):
     return base_config(data, run_dir, **{**COMMON, "testing.pid_dir": str(run_dir / "workers"), **kw})
 
 
-@pytest.fixture(scope="module")
-def ref_run(ray_session, char_data, tmp_path_factory):
-    """The uninterrupted 2-worker ZeRO-2 run every interrupted run is compared with (16 steps)."""
-    rd = tmp_path_factory.mktemp("ref") / "run"
-    res = run(_cfg(char_data, rd, max_steps=16))
-    return rd, res
+# ref_run (conftest.py): the uninterrupted 2-worker ZeRO-2 run of _cfg, 16 steps, shared with test_train_stream_s3.py
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 as from local disk, shards copied once per node into the node cache (file lock, verified, atomic), a shard
 changed after prep refused, and a 2-worker run whose worker is killed after a checkpoint recovering with
 the losses of an uninterrupted run (the machinery of test_train_ray.py, with the driver in a process of its
-own so that its local Ray and the workers see the S3 endpoint and the cache directory in their environment).
+own, joined to the session's Ray as a job of its own whose runtime env gives the driver and the workers the
+S3 endpoint and the cache directory; this process's environment never sees them).
 """
 
 from __future__ import annotations
@@ -151,11 +152,12 @@ def test_shard_changed_after_prep_is_refused_by_the_cache(s3, s3_env, local_big)
 
 # ---- resume after a kill, on s3 input ---------------------------------------------------------------------
 
+# joins the session's Ray (argv[3]) as a job whose runtime env (argv[4]) every worker of the job inherits
 DRIVER = """
 import json, sys
 from pathlib import Path
-from pipelines.runtime import ensure_ray
-ensure_ray("local", num_cpus=8, object_store_memory=512 * 1024 * 1024, env_vars={"OMP_NUM_THREADS": "1"})
+import ray
+ray.init(address=sys.argv[3], runtime_env={"env_vars": json.loads(sys.argv[4])}, logging_level=30)  # WARNING
 from test_train_ray import _cfg
 from pipelines.train.trainer import run
 res = run(_cfg(sys.argv[1], Path(sys.argv[2]), max_failures=1, **{"testing.throttle_s": 0.3}))
@@ -164,22 +166,22 @@ print("RESULT", json.dumps({"steps": res.steps}))
 
 
 @pytest.mark.slow
-def test_killed_worker_on_s3_input_recovers_with_identical_losses(ray_session, char_data, s3, tmp_path):
-    from test_train_ray import STEPS, _cfg, _kill_after_checkpoint
+def test_killed_worker_on_s3_input_recovers_with_identical_losses(ray_session, ref_run, char_data, s3, tmp_path):
+    from test_train_ray import STEPS, _kill_after_checkpoint
     from train_testlib import train_losses
 
-    from pipelines.train.trainer import run
-
     url = s3[1](char_data, "char")
-    ref = tmp_path / "ref"
-    run(_cfg(char_data, ref))  # uninterrupted, from local disk, in this process's Ray
+    ref = ref_run[0]  # uninterrupted, from local disk, in this process's Ray (16 steps, the same first 12)
     rd, cache, out = tmp_path / "s3run", tmp_path / "cache", {}
+    # the session Ray's job env (dashboard address, thread counts) + the S3 endpoint and the node cache
+    job_env = {**(ray_session.get_runtime_context().runtime_env.get("env_vars") or {}), **_env(s3[0], cache)}
     env = {**os.environ, **_env(s3[0], cache),
            "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")])}
     env.pop("RAY_ADDRESS", None)
+    addr = ray_session.get_runtime_context().gcs_address
     killer = _kill_after_checkpoint(rd, 4, rank=1, out=out)
-    proc = subprocess.run([sys.executable, "-c", DRIVER, url, str(rd)], env=env, capture_output=True, text=True,
-                          timeout=1500, cwd=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", DRIVER, url, str(rd), addr, json.dumps(job_env)], env=env,
+                          capture_output=True, text=True, timeout=1500, cwd=str(tmp_path))
     killer.join(timeout=5)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads(proc.stdout.split("RESULT", 1)[1])["steps"] == STEPS
