@@ -690,10 +690,10 @@ def startup_bench(a, ap) -> None:
         ap.error("cold needs --nanogpt DIR (a nanoGPT checkout)")
     start = print_conditions(f"train-{a.what}", threads={"raygpt worker": 2, "nanogpt": 2})
     if a.what == "overhead":
-        out = train_startup.overhead(DATA, a.repeats, a.compile)
+        out = train_startup.overhead(DATA, a.repeats, a.compile, overrides=a.overrides)
     else:
         nanogpt_data(a.nanogpt)
-        out = train_startup.cold(DATA, a.nanogpt.resolve(), a.repeats, a.overrides, a.fast)
+        out = train_startup.cold(DATA, a.nanogpt.resolve(), a.repeats, a.overrides, a.fast, a.ray_too)
     print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=2, default=str))
     RUNS.mkdir(parents=True, exist_ok=True)
     (RUNS / f"result-{a.what}.json").write_text(json.dumps(out, indent=2, default=str))
@@ -714,6 +714,7 @@ def main() -> None:
     ap.add_argument("--synthetic", type=int, default=None, help="(stream) ROWS random rows instead of Shakespeare")
     ap.add_argument("--compile", action="store_true", help="(overhead) compile on, empty inductor cache")
     ap.add_argument("--fast", action="store_true", help="(cold) also the fast recipe, cold")
+    ap.add_argument("--ray-too", action="store_true", help="(cold) also the recipe with launcher=ray (worker actors)")
     ap.add_argument("overrides", nargs="*", help="(c) TrainConfig overrides, e.g. optim.lr=2e-3 max_steps=1200")
     a = ap.parse_intermixed_args()
     if not (a.what == "stream" and a.synthetic):

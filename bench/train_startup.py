@@ -1,7 +1,7 @@
 """Whole-process training benchmarks: the fixed overhead of `raygpt train`, and cold runs against nanoGPT.
 
-    .venv/bin/python bench/train.py overhead [--repeats 5] [--compile]   # phases to the first step, medians
-    .venv/bin/python bench/train.py cold --nanogpt DIR [--repeats 3] [--fast] [key=value ...]
+    .venv/bin/python bench/train.py overhead [--repeats 5] [--compile] [launcher=ray ...]  # phases to step 1
+    .venv/bin/python bench/train.py cold --nanogpt DIR [--repeats 3] [--fast] [--ray-too] [key=value ...]
 
 `overhead`: `raygpt train` with the nanoGPT recipe (jobs/configs/train-shakespeare-char.yaml, compile off unless
 --compile, 20 steps, no evaluation, only the final checkpoint), N whole processes one after another; per run
@@ -154,9 +154,10 @@ def _phase_medians(runs: list[dict], key: str) -> dict:
     return {k: round(statistics.median(r[key][k] for r in runs if k in r.get(key, {})), 3) for k in names}
 
 
-def overhead(data: Path, repeats: int, compile: bool, steps: int = 20) -> dict:
+def overhead(data: Path, repeats: int, compile: bool, steps: int = 20, overrides: list[str] | None = None) -> dict:
     """`raygpt train` (the recipe, `steps` steps) N times as whole processes -> medians per phase and CPU."""
-    over = [f"max_steps={steps}", "eval_interval=0", "ckpt_interval=0", f"compile={'true' if compile else 'false'}"]
+    over = [f"max_steps={steps}", "eval_interval=0", "ckpt_interval=0", f"compile={'true' if compile else 'false'}",
+            *(overrides or [])]
     runs = []
     for i in range(repeats):
         r = raygpt_process(f"overhead-{i}", RECIPE, data, over, cpu=True)
@@ -167,22 +168,24 @@ def overhead(data: Path, repeats: int, compile: bool, steps: int = 20) -> dict:
     print(f"\nphase (median of {repeats} runs, compile {'on, cold cache' if compile else 'off'})      seconds")
     for k, v in med.items():
         print(f"  {k:28s} {v:8.3f}")
-    return {"compile": compile, "steps": steps, "phase_seconds_median": med, "wall_s": _stats([r["wall_s"] for r in runs]),
+    return {"compile": compile, "steps": steps, "overrides": overrides or [], "phase_seconds_median": med, "wall_s": _stats([r["wall_s"] for r in runs]),
             "cpu_seconds_median": _phase_medians(runs, "cpu_s"), "cpu_total_s": _stats([r["cpu_total_s"] for r in runs]),
             "runs": runs}
 
 
-def cold(data: Path, nanogpt: Path, repeats: int, overrides: list[str], fast: bool) -> dict:
-    """Alternating whole cold processes: nanoGPT's README command vs `raygpt train` (+ the fast recipe)."""
-    runs: dict[str, list[dict]] = {"nanogpt": [], "raygpt": [], **({"raygpt-fast": []} if fast else {})}
+def cold(data: Path, nanogpt: Path, repeats: int, overrides: list[str], fast: bool, ray_too: bool = False) -> dict:
+    """Alternating whole cold processes: nanoGPT's README command vs `raygpt train` (+ the fast recipe; + the
+    recipe with launcher=ray: Ray Train's worker actors on a fresh local Ray, where auto runs one worker locally)."""
+    extra = (["raygpt-ray"] if ray_too else []) + (["raygpt-fast"] if fast else [])
+    runs: dict[str, list[dict]] = {"nanogpt": [], "raygpt": [], **{k: [] for k in extra}}
     for i in range(repeats):
         order = ["nanogpt", "raygpt"] if i % 2 == 0 else ["raygpt", "nanogpt"]
-        for who in order + (["raygpt-fast"] if fast else []):
+        for who in order + extra:
             if who == "nanogpt":
                 r = nanogpt_process(nanogpt, f"cold-nanogpt-{i}")
             else:
-                r = raygpt_process(f"cold-{who}-{i}", FAST if who == "raygpt-fast" else RECIPE, data,
-                                   overrides if who == "raygpt" else [])
+                over = {"raygpt": overrides, "raygpt-ray": [*overrides, "launcher=ray"]}.get(who, [])
+                r = raygpt_process(f"cold-{who}-{i}", FAST if who == "raygpt-fast" else RECIPE, data, over)
             runs[who].append(r)
             print(json.dumps({"repeat": i, "who": who, "wall_s": round(r["wall_s"], 1), "val_loss": r["val_loss"],
                               **({"to_first_step": r["phases"].get("to_first_step"),
@@ -191,6 +194,10 @@ def cold(data: Path, nanogpt: Path, repeats: int, overrides: list[str], fast: bo
     out: dict = {who: {"wall_s": _stats([r["wall_s"] for r in rs]), "val_loss": [r["val_loss"] for r in rs]}
                  for who, rs in runs.items()}
     out["raygpt_vs_nanogpt_wall"] = _stats([a["wall_s"] / b["wall_s"] for a, b in zip(runs["raygpt"], runs["nanogpt"])])
+    if ray_too:
+        out["raygpt-ray"]["phase_seconds_median"] = _phase_medians(runs["raygpt-ray"], "phases")
+        out["raygpt_ray_vs_nanogpt_wall"] = _stats([a["wall_s"] / b["wall_s"]
+                                                   for a, b in zip(runs["raygpt-ray"], runs["nanogpt"])])
     out["raygpt"]["phase_seconds_median"] = _phase_medians(runs["raygpt"], "phases")
     out["raygpt"]["eval_s"] = _stats([r["eval_s"] for r in runs["raygpt"]])
     out["raygpt"]["checkpoint_s"] = _stats([r["checkpoint_s"] for r in runs["raygpt"]])

@@ -123,12 +123,28 @@ class _TokenAuthOn(logging.Filter):
         return not str(record.msg).startswith("Token authentication is enabled")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is when a record is written (a test's capture, a redirect or a
+    Ray worker's log file may replace the object after the handler was made; the old one may be closed)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _install_handler(level: int, stream) -> None:
     log = logging.getLogger(LOGGER)
     for h in list(log.handlers):
         if getattr(h, "_raygpt", False):
             log.removeHandler(h)
-    h = logging.StreamHandler(stream)
+    h = _StderrHandler() if stream is sys.stderr else logging.StreamHandler(stream)
     h._raygpt = True  # type: ignore[attr-defined]
     h.setFormatter(_Formatter())
     log.addHandler(h)

@@ -77,10 +77,22 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, env_v
         raise RayConnectError(f"{param}={address!r}: cannot connect to a Ray cluster there ({e}); start it "
                               f"(`ray start --head`, or cluster/head-up.sh) or leave {param} empty for a "
                               f"local Ray") from None
+    global _started_local
+    _started_local = address == "local"
     url = dashboard_url()
     if url:
         log.info("Ray dashboard: %s", url)
     return True
+
+
+_started_local = False  # the Ray this process is connected to is a local one that ensure_ray started
+
+
+def local_ray_started_here() -> bool:
+    """True when this process is connected to a local Ray it started itself (no cluster it joined)."""
+    import ray
+
+    return ray.is_initialized() and _started_local
 
 
 def _free_port() -> int:

@@ -23,7 +23,7 @@ from pipelines.config import ConfigError
 # keys that may change between a run and its `--resume` (everything else must match the saved config,
 # or the continued run would not be the same run)
 RESUMABLE_CHANGES = ("max_steps", "eval_interval", "eval_iters", "ckpt_interval", "keep_last_k", "keep_best",
-                     "max_failures", "resources_per_worker", "torch_threads", "testing", "log", "name",
+                     "max_failures", "launcher", "resources_per_worker", "torch_threads", "testing", "log", "name",
                      "shm_collectives", "shm_collectives_timeout_s")
 
 
@@ -123,6 +123,13 @@ class TrainConfig:
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # default {"CPU": 1} (+ "GPU": 1)
     torch_threads: int = 0  # intra-op threads per worker; 0 = the worker's CPU resources
     max_failures: int = 0  # automatic restarts from the last checkpoint after a worker failure (-1 = forever)
+    # where the training function runs. "ray": Ray Train's controller and worker actors on the Ray cluster (needed
+    # for several workers, for restarts after a failure, for a cluster to join). "local": Ray Train's local mode,
+    # the one worker runs in this process and no Ray process is started (a local Ray's start and the worker group
+    # are 10-30 s on 2 cores, more than a short run's steps). "auto": local for num_workers=1 with max_failures=0
+    # when there is no cluster to join (RAY_ADDRESS unset and no Ray connected but one this process started);
+    # a resumed run keeps the launcher that wrote its checkpoints
+    launcher: Literal["auto", "ray", "local"] = "auto"
     doc_mask: bool = False  # attention (and next-token loss) stay inside a document, from the doc_ids column
     sft: bool | None = None  # loss on completion tokens only; null = from the dataset kind
     ds_config_override: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed JSON, deep-merged last
@@ -178,6 +185,12 @@ class TrainConfig:
             e.append("compile=true with zero_stage=3 is not supported (ZeRO-3 parameter hooks); drop one")
         if self.max_failures < -1:
             e.append(f"max_failures must be >= -1 (-1 = retry forever), got {self.max_failures}")
+        if self.launcher == "local" and self.num_workers != 1:
+            e.append(f"launcher=local runs one worker in this process, got num_workers={self.num_workers}; use "
+                     f"launcher=ray (or auto) for several workers")
+        if self.launcher == "local" and self.max_failures != 0:
+            e.append(f"launcher=local cannot restart a failed worker (it is this process), got max_failures="
+                     f"{self.max_failures}; use launcher=ray for automatic restarts, or re-run with --resume")
         for k, v in self.resources_per_worker.items():
             if not isinstance(v, (int, float)) or v < 0:
                 e.append(f"resources_per_worker.{k} must be a number >= 0, got {v!r}")

@@ -190,3 +190,21 @@ def install_collectives(cfg: TrainConfig, world_size: int) -> str | None:
 def set_lr(optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
+
+
+def release_process_group() -> None:
+    """Tear down this process's torch.distributed group and DeepSpeed's references to it (launcher=local runs
+    the worker in the driver, which may train again: DeepSpeed caches its data-parallel group in module
+    globals, and a cached group of a destroyed world fails the next engine's first broadcast)."""
+    import sys
+
+    import torch.distributed as dist
+
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None and comm.cdb is not None and dist.is_initialized():
+        comm.destroy_process_group()  # destroys the world group and releases DeepSpeed's references
+    elif dist.is_initialized():
+        dist.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None and hasattr(groups, "_release_process_group_references"):
+        groups._release_process_group_references(group=None)  # the world is gone (also when Ray destroyed it)

@@ -8,14 +8,17 @@ states, data position), then runs optimizer steps: grad accumulation over micro 
 the warmup+cosine LR, eval every eval_interval steps, and a checkpoint every ckpt_interval steps and at
 the end. A checkpoint is every rank's DeepSpeed shard + RNG states + the step (= data position) + a
 consolidated gptcore checkpoint for inference; the file lists of all ranks are all-gathered and checked
-before `ray.train.report`, and the merged copy in storage is checked again after it. Rank 0 writes
-metrics (JSONL, TensorBoard, progress bar). The pieces (state, restore, evaluate, step, checkpoint
-files) live in pipelines/train/worker.py, which never touches ray.train; this module only joins them to
+before `ray.train.report`, and the merged copy in storage is checked again after it. launcher=local (Ray
+Train's local mode: one worker in the driver's process, which stores nothing) writes and commits its
+checkpoints itself, in the same layout (RUN_DIR/ray/checkpoint_XXXXXXXX), and resumes from the one the driver
+verified. Rank 0 writes metrics (JSONL, TensorBoard, progress bar). The pieces (state, restore, evaluate, step,
+checkpoint files) live in pipelines/train/worker.py, which never touches ray.train; this module only joins them to
 Ray Train. Does not: validate the config or start Ray (trainer.py).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -29,19 +32,55 @@ from pipelines.train.worker import CHECKPOINT_LOG, build_model, lm_loss  # noqa:
 
 
 def _restore(w: wk.WorkerState, payload: dict[str, Any]) -> bool:
-    """Restore from the checkpoint Ray Train hands this worker; never silently start a run over. -> resumed?"""
+    """Restore from the checkpoint Ray Train hands this worker (launcher=local: the one the driver verified);
+    never silently start a run over. -> resumed?"""
     import ray.train
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and (payload.get("resume") or (w.run_dir / CHECKPOINT_LOG).is_file()):
-        # a resume, or a restart after this run registered checkpoints: never silently start over
-        raise st.CheckpointStateError(f"run {w.run_dir} has checkpoints ({w.run_dir / CHECKPOINT_LOG}) but Ray "
-                                      f"Train handed the workers none; refusing to start from scratch")
+    if _is_local(payload):
+        if payload.get("resume_from"):
+            wk.restore(w, Path(payload["resume_from"]))
+            return True
+        ckpt = None
+    else:
+        ckpt = ray.train.get_checkpoint()
     if ckpt is None:
+        if payload.get("resume") or (w.run_dir / CHECKPOINT_LOG).is_file():
+            # a resume, or a restart after this run registered checkpoints: never silently start over
+            raise st.CheckpointStateError(f"run {w.run_dir} has checkpoints ({w.run_dir / CHECKPOINT_LOG}) but "
+                                          f"{'the driver' if _is_local(payload) else 'Ray Train'} handed the "
+                                          f"workers none; refusing to start from scratch")
         return False
     with ckpt.as_directory() as d:
         wk.restore(w, Path(d))
     return True
+
+
+def _is_local(payload: dict[str, Any]) -> bool:
+    return payload.get("launcher") == "local"
+
+
+def _save_local(w: wk.WorkerState, step: int, metrics: dict[str, Any]) -> None:
+    """launcher=local (one worker, this process; Ray Train's local mode stores nothing): write the checkpoint
+    beside its final name, rename it into RUN_DIR/ray/checkpoint_XXXXXXXX when complete, commit it in the local
+    snapshot (what a resume reads), hand it to ray.train.report, and publish it."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    rd = st.ray_dir(w.run_dir)
+    rd.mkdir(parents=True, exist_ok=True)
+    name = st.ckpt_dir_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{st.LOCAL_TMP_PREFIX}{name}-", dir=rd))
+    try:
+        wk.write_checkpoint(w, tmp, step, metrics)
+        dest = rd / name
+        if dest.exists():  # an attempt that died before committing this step: never the latest committed one
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    st.commit_local_checkpoint(w.run_dir, name, w.cfg.keep_last_k)
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(dest)), checkpoint_dir_name=name)
+    wk.publish_checkpoint(w, dest, step, metrics)
 
 
 def _save(w: wk.WorkerState, ctx, step: int, metrics: dict[str, Any]) -> None:
@@ -64,7 +103,7 @@ def _save(w: wk.WorkerState, ctx, step: int, metrics: dict[str, Any]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _train(w: wk.WorkerState, ctx) -> None:
+def _train(w: wk.WorkerState, ctx, payload: dict[str, Any]) -> None:
     """Optimizer steps from w.start_step to max_steps, with evaluations and checkpoints when due."""
     cfg = w.cfg
     w.engine.train()
@@ -82,7 +121,10 @@ def _train(w: wk.WorkerState, ctx) -> None:
             if "val_loss" not in metrics and w.last_val is not None:
                 metrics["val_loss"] = w.last_val  # the latest evaluation, for checkpoint scoring
             t_ckpt = time.perf_counter()
-            _save(w, ctx, done, metrics)
+            if _is_local(payload):
+                _save_local(w, done, metrics)
+            else:
+                _save(w, ctx, done, metrics)
             w.ckpt_s += time.perf_counter() - t_ckpt
         if cfg.testing.throttle_s:  # a test hook (failure drills)
             time.sleep(cfg.testing.throttle_s)
@@ -98,5 +140,5 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     w = wk.setup_worker(payload, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
     resumed = _restore(w, payload)
     wk.open_metrics(w, resumed)
-    _train(w, ctx)
+    _train(w, ctx, payload)
     wk.finish(w)

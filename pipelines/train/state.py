@@ -1,7 +1,7 @@
 """Resumable training state on disk: run-dir layout, checkpoint manifest, verification, RNG states.
 
     verify_checkpoint_dir(path)                  # CheckpointStateError naming the missing/corrupt file
-    latest_checkpoint(run_dir)                   # from Ray Train's snapshot; loud when absent/broken
+    latest_checkpoint(run_dir)                   # Ray Train's snapshot or launcher=local's; loud when absent/broken
 
 One reported checkpoint (Ray Train merges every rank's directory into one) looks like
     ds/state/...                    DeepSpeed's files: each rank writes its own ZeRO shard
@@ -39,6 +39,11 @@ DS_TAG = "state"
 MODEL_DIR = "model"
 RAY_NAME = "ray"  # Ray Train experiment name inside the run dir: RUN_DIR/ray/checkpoint_XXXXXXXX
 FORMAT = "raygpt-train-state/1"
+# launcher=local (Ray Train's local mode persists nothing): the committed checkpoints, newest last, and the
+# prefix of a checkpoint directory still being written (renamed to checkpoint_XXXXXXXX when complete)
+LOCAL_SNAPSHOT = "raygpt_local_checkpoints.json"
+LOCAL_SNAPSHOT_FORMAT = "raygpt-local-checkpoints/1"
+LOCAL_TMP_PREFIX = ".writing-"
 
 
 class CheckpointStateError(ConfigError):
@@ -130,21 +135,65 @@ def verify_checkpoint_dir(path: str | os.PathLike, *, checksums: bool = True) ->
     return man
 
 
+def _step_of(name: str) -> int:
+    try:
+        return int(name.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def latest_checkpoint_and_launcher(run_dir: str | os.PathLike) -> tuple[Path, str]:
+    """The checkpoint a resume continues from, and which launcher committed it ("ray" or "local").
+
+    launcher=ray: Ray Train's snapshot (what its controller hands the workers); launcher=local: LOCAL_SNAPSHOT,
+    which loop.py writes after each checkpoint directory is complete. Where both exist, the later step wins."""
+    rd = ray_dir(run_dir)
+    found: list[tuple[int, str, Path]] = []
+    for launcher, snap, key in (("ray", rd / _ray_compat.train_snapshot_filename(), "latest_checkpoint_result"),
+                                ("local", rd / LOCAL_SNAPSHOT, None)):
+        if not snap.is_file():
+            continue
+        try:
+            s = json.loads(snap.read_text())
+            name = s[key]["checkpoint_dir_name"] if key else s["latest_checkpoint_dir_name"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointStateError(f"cannot resume {run_dir}: {snap} is unreadable ({type(e).__name__}: {e})"
+                                       ) from None
+        found.append((_step_of(name), launcher, rd / name))
+    if not found:
+        raise CheckpointStateError(
+            f"cannot resume {run_dir}: it holds no checkpoint ({rd / _ray_compat.train_snapshot_filename()} and "
+            f"{rd / LOCAL_SNAPSHOT} are missing; the run stopped before its first checkpoint, or this is not a "
+            f"raygpt run dir). Start a new run instead.")
+    _, launcher, path = max(found)
+    return path, launcher
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
-    """The checkpoint Ray Train will hand to the workers on resume (its snapshot's latest), verified."""
+    """The checkpoint a resume continues from (Ray Train's snapshot or the local launcher's), not yet verified."""
+    return latest_checkpoint_and_launcher(run_dir)[0]
+
+
+def commit_local_checkpoint(run_dir: str | os.PathLike, name: str, keep_last_k: int) -> list[str]:
+    """launcher=local: record the complete checkpoint directory RUN_DIR/ray/<name> as the latest (atomically),
+    then delete the oldest beyond keep_last_k and any half-written temp directory -> the names deleted.
+    (Ray Train's controller does both for launcher=ray.)"""
+    import shutil
 
     rd = ray_dir(run_dir)
-    snap = rd / _ray_compat.train_snapshot_filename()
-    if not snap.is_file():
-        raise CheckpointStateError(
-            f"cannot resume {run_dir}: it holds no checkpoint ({snap} is missing; the run stopped before its "
-            f"first checkpoint, or this is not a raygpt run dir). Start a new run instead.")
-    try:
-        s = json.loads(snap.read_text())
-        latest = s["latest_checkpoint_result"]["checkpoint_dir_name"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointStateError(f"cannot resume {run_dir}: {snap} is unreadable ({type(e).__name__}: {e})") from None
-    return rd / latest
+    snap = rd / LOCAL_SNAPSHOT
+    kept: list[str] = []
+    if snap.is_file():
+        kept = [n for n in json.loads(snap.read_text()).get("checkpoints", []) if n != name]
+    kept.append(name)
+    drop, kept = kept[:-keep_last_k], kept[-keep_last_k:]
+    atomic_write_json(str(snap), {"format": LOCAL_SNAPSHOT_FORMAT, "latest_checkpoint_dir_name": name,
+                                  "checkpoints": kept})
+    for n in drop:  # after the snapshot names the new one: a crash here leaves an extra directory, never a gap
+        shutil.rmtree(rd / n, ignore_errors=True)
+    for p in rd.glob(f"{LOCAL_TMP_PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
+    return drop
 
 
 # ---- RNG states ------------------------------------------------------------------------------

@@ -10,13 +10,16 @@ dir without a complete, checksum-valid latest checkpoint, or one whose config ch
 would make it another run) and the cluster's resources. Then one TorchTrainer runs
 `loop.train_loop_per_worker` with ScalingConfig(num_workers, use_gpu, resources_per_worker),
 RunConfig(storage_path=RUN_DIR, name="ray"), FailureConfig(max_failures) - a failed worker group is
-restarted from the latest checkpoint - and CheckpointConfig(num_to_keep=keep_last_k). At the end: the
-loss-curve PNG and RUN_DIR/summary.json. Does not: prepare data (raygpt prep) or serve models.
+restarted from the latest checkpoint - and CheckpointConfig(num_to_keep=keep_last_k). launcher (resolve_launcher):
+"ray" starts or joins Ray and runs the workers as Ray Train actors; "local" is Ray Train's local mode
+(ScalingConfig(num_workers=0)): the one worker runs in this process on a one-process gloo group, no Ray is
+started, and the loop commits its checkpoints itself. At the end: the loss-curve PNG and RUN_DIR/summary.json. Does not: prepare data (raygpt prep) or serve models.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -31,10 +34,12 @@ from pipelines.runtime import ensure_ray
 from pipelines.train import state as st
 from pipelines.train.config import RESUMABLE_CHANGES, TrainConfig
 from pipelines.train.data import check_compatible, open_dataset
-from pipelines.train.deepspeed import cpu_bf16_ok, ds_config
+from pipelines.train.deepspeed import cpu_bf16_ok, ds_config, release_process_group
 from pipelines.train.loop import train_loop_per_worker
 from pipelines.train.metrics import plot_loss_curve, read_metrics
 from pipelines.train.phases import MARKS, phase_seconds, process_start
+
+log = logging.getLogger("raygpt")
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
@@ -68,6 +73,7 @@ class Plan:
     init_checkpoint: str | None
     resume_from: Path | None
     resume_step: int = 0
+    launcher: str = "ray"  # "ray" or "local": cfg.launcher with "auto" resolved (resolve_launcher)
 
 
 @dataclass
@@ -160,7 +166,7 @@ def validate(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Plan:
         raise ConfigError(f"the global batch ({cfg.global_batch_size} sequences = micro_batch_size * grad_accum * "
                           f"num_workers) is larger than the whole train split ({rows} rows) of data={cfg.data!r}; "
                           f"lower batch.micro_batch_size or use more data")
-    resume_from, resume_step = None, 0
+    resume_from, resume_step, resume_launcher = None, 0, None
     rd = st.ray_dir(run_dir)
     if resume is None:
         if rd.exists() and any(rd.iterdir()):
@@ -178,14 +184,43 @@ def validate(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> Plan:
             k, (old, new) = sorted(changed.items())[0]
             raise ConfigError(f"cannot resume {run_dir} with {k}={new!r}: the run was started with {k}={old!r} "
                               f"(changed keys: {sorted(changed)}); only {list(RESUMABLE_CHANGES)} may change on resume")
-        resume_from = st.latest_checkpoint(run_dir)
+        resume_from, resume_launcher = st.latest_checkpoint_and_launcher(run_dir)
         man = st.verify_checkpoint_dir(resume_from, checksums=cfg.ckpt_checksums)
         resume_step = int(man["step"])
         if resume_step >= cfg.max_steps:
             raise ConfigError(f"run {run_dir} already reached step {resume_step} >= max_steps={cfg.max_steps}; "
                               f"resume with a larger max_steps (e.g. max_steps={resume_step * 2})")
-    return Plan(cfg=cfg, model_config=mc, manifest=m, sft=sft, init_checkpoint=init_ckpt,
+    plan = Plan(cfg=cfg, model_config=mc, manifest=m, sft=sft, init_checkpoint=init_ckpt,
                 resume_from=resume_from, resume_step=resume_step)
+    plan.launcher = resolve_launcher(cfg, resume_launcher if resume is not None else None)
+    return plan
+
+
+def resolve_launcher(cfg: TrainConfig, resumed_by: str | None = None) -> str:
+    """cfg.launcher with "auto" resolved -> "ray" or "local". `resumed_by`: the launcher that committed the
+    checkpoint a resume continues from (its checkpoints are where that launcher's resume looks for them)."""
+    if resumed_by is not None:
+        if cfg.launcher not in ("auto", resumed_by):
+            raise ConfigError(f"launcher={cfg.launcher}: run {cfg.run_dir} was checkpointed by launcher={resumed_by}; "
+                              f"resume it with launcher={resumed_by} (or auto)")
+        if resumed_by == "local" and cfg.max_failures != 0:
+            raise ConfigError(f"max_failures={cfg.max_failures} needs launcher=ray, but run {cfg.run_dir} was "
+                              f"checkpointed by launcher=local; resume it with max_failures=0")
+        return resumed_by
+    if cfg.launcher != "auto":
+        return cfg.launcher
+    from pipelines.runtime import local_ray_started_here
+
+    one_local_worker = cfg.num_workers == 1 and cfg.max_failures == 0
+    no_cluster = not os.environ.get("RAY_ADDRESS") and (not _ray_connected() or local_ray_started_here())
+    return "local" if one_local_worker and no_cluster else "ray"
+
+
+def _ray_connected() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")  # not imported: not connected (and importing it here would cost ~1 s)
+    return bool(ray is not None and ray.is_initialized())
 
 
 def _check_resources(cfg: TrainConfig) -> None:
@@ -272,19 +307,26 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     marks["validated"] = time.time()
-    importing = _import_in_background(DRIVER_IMPORTS)
-    try:
-        train_env = _start_ray(cfg)
-    finally:
-        importing.join()  # also on an error: no import left running while the interpreter exits
-    marks["ray_ready"] = time.time()
+    if plan.launcher == "local":
+        log.info("train: launcher=local (Ray Train's local mode: the one worker runs in this process; "
+                 "launcher=ray runs it as a Ray actor)")
+        fit, train_env = _fit_local, {}
+    else:
+        importing = _import_in_background(DRIVER_IMPORTS)
+        try:
+            train_env = _start_ray(cfg)
+        finally:
+            importing.join()  # also on an error: no import left running while the interpreter exits
+        marks["ray_ready"] = time.time()
+        fit = _fit_ray
 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     marks["ray_imported"] = time.time()
-    _check_resources(cfg)
-    _warn_without_dashboard()
+    if plan.launcher == "ray":
+        _check_resources(cfg)
+        _warn_without_dashboard()
 
     cfg_dict = to_dict(cfg)
     if resume is None:
@@ -294,36 +336,75 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
             "sft": plan.sft, "global_batch_size": cfg.global_batch_size, "grad_accum": cfg.grad_accum})
     payload = {"config": cfg_dict, "model_config": plan.model_config.to_dict(), "run_dir": str(run_dir),
                "init_checkpoint": plan.init_checkpoint, "resume": resume is not None,
-               "driver_start": t0}
+               "driver_start": t0, "launcher": plan.launcher,
+               "resume_from": str(plan.resume_from) if plan.resume_from is not None else None}
     # no worker_runtime_env: workers with the job's own runtime env can start from Ray's pool of
     # pre-started processes; the loop sets DS_ACCELERATOR and the thread count itself
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=payload,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=cfg.worker_resources()),
+        # Ray Train's local mode is num_workers=0: the training function runs in this process
+        scaling_config=ScalingConfig(num_workers=0 if plan.launcher == "local" else cfg.num_workers,
+                                     use_gpu=cfg.use_gpu, resources_per_worker=cfg.worker_resources()),
         run_config=RunConfig(
             name=st.RAY_NAME, storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last_k),
             logging_config=LoggingConfig(log_level=console.library_level_name())),
     )
-    added = {k: v for k, v in train_env.items() if k not in os.environ}
-    os.environ.update(added)
     marks["fit_start"] = time.time()
     try:
-        result = trainer.fit()
+        result = fit(trainer, train_env)
     except Exception as e:
         raise TrainError(f"training run {run_dir} failed: {type(e).__name__}: {e}") from e
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
     marks["fit_end"] = time.time()
     if getattr(result, "error", None):
         raise TrainError(f"training run {run_dir} failed: {result.error}")
 
     return _summarize(cfg, plan, result, t0, marks)
+
+
+def _fit_ray(trainer, train_env: dict[str, str]):
+    """TorchTrainer.fit() on the Ray cluster, with the controller settings in this process's environment."""
+    added = {k: v for k, v in train_env.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        return trainer.fit()
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _fit_local(trainer, train_env: dict[str, str]):
+    """TorchTrainer.fit() in Ray Train's local mode: the one worker runs here, on a one-process gloo group that
+    Ray Train builds from torchrun's variables (set for the call only). This process's torch thread count and
+    process group are as before afterwards, also when training fails."""
+    import torch
+    import torch.distributed as dist
+
+    from pipelines.runtime import _free_port
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    clash = sorted(k for k in env if k in os.environ)
+    if clash or dist.is_initialized():
+        raise ConfigError(f"launcher=local starts its own one-process group, but this process already has "
+                          f"{clash or 'a torch.distributed group'} (torchrun?); unset them or use launcher=ray")
+    saved = os.environ.copy()
+    threads = torch.get_num_threads()
+    os.environ.update(env)
+    try:
+        return trainer.fit()
+    finally:
+        release_process_group()  # Ray destroys the group after a successful run, not after a failed one
+        torch.set_num_threads(threads)
+        for k in env:
+            os.environ.pop(k, None)
+        if "DS_ACCELERATOR" in saved:  # the worker setup sets it for DeepSpeed
+            os.environ["DS_ACCELERATOR"] = saved["DS_ACCELERATOR"]
+        else:
+            os.environ.pop("DS_ACCELERATOR", None)
 
 
 def _phases(run_dir: Path, marks: dict[str, float], wall_s: float) -> dict[str, Any]:
@@ -360,7 +441,7 @@ def _summarize(cfg: TrainConfig, plan: Plan, result, t0: float, marks: dict[str,
     mfu = _median([r.get("mfu") for r in tr[1:]])
     rss_file = run_dir / "workers" / "peak_rss_mb.json"
     summary = {
-        "steps": out.steps, "final_loss": out.final_loss, "final_val_loss": out.final_val_loss,
+        "launcher": plan.launcher, "steps": out.steps, "final_loss": out.final_loss, "final_val_loss": out.final_val_loss,
         "best_val_loss": out.best_val_loss, "wall_s": out.wall_s,
         "median_tokens_per_s": tps, "median_mfu": mfu,
         "peak_rss_mb": json.loads(rss_file.read_text()) if rss_file.is_file() else None,

@@ -60,6 +60,9 @@ def test_unknown_key_is_refused_with_the_valid_ones(key, named):
     ({"keep_last_k": 0}, ["keep_last_k", "0"]),
     ({"init": "raygpt"}, ["init_path"]),
     ({"model.activation": "relu"}, ["activation", "'relu'", "'gelu_tanh'"]),
+    ({"launcher": "local", "num_workers": 2}, ["launcher=local", "num_workers=2", "launcher=ray"]),
+    ({"launcher": "local", "max_failures": 1}, ["launcher=local", "max_failures=1", "launcher=ray", "--resume"]),
+    ({"launcher": "actors"}, ["launcher", "'actors'", "'local'"]),
 ])
 def test_bad_values(kw, words):
     with pytest.raises(ConfigError) as e:

@@ -37,16 +37,19 @@ def test_every_phase_has_a_mark_and_the_process_start_is_in_the_past():
 
 
 @pytest.mark.slow
-def test_a_run_reports_its_phases(ray_session, char_data, tmp_path):
+@pytest.mark.parametrize("launcher", ["ray", "local"])
+def test_a_run_reports_its_phases(ray_session, char_data, tmp_path, launcher):
     from pipelines.train.trainer import run
 
     rd = tmp_path / "run"
-    res = run(base_config(char_data, rd, max_steps=4, eval_interval=2, ckpt_interval=2))
+    res = run(base_config(char_data, rd, max_steps=4, eval_interval=2, ckpt_interval=2, launcher=launcher))
     s = json.loads((rd / "summary.json").read_text())
-    assert s["phase_seconds"] == res.extra["phase_seconds"]
-    for mark in ("process_start", "run_start", "ray_ready", "fit_start", "worker_start", "imports_done",
+    assert s["phase_seconds"] == res.extra["phase_seconds"] and s["launcher"] == launcher
+    for mark in ("process_start", "run_start", "fit_start", "worker_start", "imports_done",
                  "engine_ready", "first_step_done", "last_step_done", "worker_done", "fit_end", "summary_done"):
         assert mark in s["phase_marks"], mark
+    # launcher=local starts no Ray: no ray_init phase
+    assert ("ray_ready" in s["phase_marks"]) == (launcher == "ray")
     ph = s["phase_seconds"]
     assert all(v >= 0 for k, v in ph.items()), ph
     assert ph["to_first_step"] <= ph["wall"]

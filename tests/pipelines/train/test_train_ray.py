@@ -125,12 +125,82 @@ def _one_worker(char_data, rd, **kw):
                 **{"batch.grad_accum": 2}, **kw)
 
 
-def test_one_worker_without_zero_matches_one_process(ray_session, char_data, tmp_path, reference):
+@pytest.mark.parametrize("launcher", ["ray", "local"])
+def test_one_worker_without_zero_matches_one_process(ray_session, char_data, tmp_path, reference, launcher):
     """1 worker, ZeRO-0: DeepSpeed's gradient all-reduce over a group of one is skipped (it only costs
-    time), and the run is still exactly the reference's math."""
+    time), and the run is still exactly the reference's math: as a Ray Train actor (launcher=ray) and in
+    this process (launcher=local, Ray Train's local mode), which leaves no process group behind."""
+    import torch
+    import torch.distributed as dist
+
     rd = tmp_path / "one"
-    run(_one_worker(char_data, rd))
-    _check_matches_reference(train_losses(rd), reference, "1 worker, ZeRO-0")
+    threads = torch.get_num_threads()
+    res = run(_one_worker(char_data, rd, launcher=launcher))
+    assert res.extra["launcher"] == launcher
+    _check_matches_reference(train_losses(rd), reference, f"1 worker, ZeRO-0, launcher={launcher}")
+    assert not dist.is_initialized() and torch.get_num_threads() == threads
+    assert not {"RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)
+
+
+def test_auto_launcher_is_local_for_one_worker_and_ray_otherwise(ray_session, char_data, tmp_path, monkeypatch):
+    from pipelines.train.trainer import resolve_launcher
+
+    one = _one_worker(char_data, tmp_path / "a")
+    assert resolve_launcher(one) == "local"  # the session's Ray was started by this process (ensure_ray)
+    assert resolve_launcher(_cfg(char_data, tmp_path / "b")) == "ray"  # 2 workers
+    assert resolve_launcher(_one_worker(char_data, tmp_path / "c", max_failures=1)) == "ray"  # restarts
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a cluster to join
+    assert resolve_launcher(one) == "ray"
+    with pytest.raises(ConfigError, match="launcher=ray: run .* was checkpointed by launcher=local; resume it "
+                                          "with launcher=local"):
+        resolve_launcher(_one_worker(char_data, tmp_path / "d", launcher="ray"), resumed_by="local")
+
+
+def test_local_launcher_killed_then_resumed_continues_with_identical_losses(ray_session, char_data, tmp_path):
+    """launcher=local commits its own checkpoints: `raygpt train` SIGKILLed after checkpoint 4 and resumed
+    (launcher auto -> local, the launcher that wrote them) reproduces the uninterrupted run's losses, and keeps
+    keep_last_k complete checkpoints with no half-written directory."""
+    import subprocess
+    import sys
+
+    from pipelines.config import to_dict
+
+    kw = {"num_workers": 1, "zero_stage": 0, "max_steps": 8, "ckpt_interval": 2, "launcher": "local"}
+    ref = tmp_path / "ref"
+    run(_cfg(char_data, ref, **kw))  # uninterrupted, in this process
+    rd = tmp_path / "killed"
+    conf = tmp_path / "killed.yaml"  # JSON is YAML
+    conf.write_text(json.dumps(to_dict(_cfg(char_data, rd, **kw, **{"testing.throttle_s": 0.5}))))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", "--config", str(conf), "-q"],
+                            cwd=Path(__file__).resolve().parents[3], env=env, stdout=subprocess.DEVNULL)
+    snap = rd / "ray" / st.LOCAL_SNAPSHOT
+    deadline = time.time() + 300
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            if snap.is_file() and json.loads(snap.read_text())["latest_checkpoint_dir_name"] >= "checkpoint_00000004":
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
+    killed_at = max(json.loads(x)["step"] for x in (rd / "checkpoints.jsonl").read_text().splitlines())
+    assert 4 <= killed_at < 8
+
+    res = run(_resume_cfg(rd, max_steps=8, launcher="auto", **{"testing": {"throttle_s": 0}}), resume=rd)
+    assert res.extra["launcher"] == "local" and res.steps == 8
+    resumed = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()
+               if json.loads(x).get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["from_step"] == killed_at
+    got, want = train_losses(rd), train_losses(ref)
+    assert sorted(got) == list(range(1, 9))
+    for s in range(1, 9):
+        assert abs(got[s] - want[s]) <= 1e-6, (s, got[s], want[s])
+    kept = json.loads(snap.read_text())["checkpoints"]
+    assert kept == ["checkpoint_00000006", "checkpoint_00000008"]  # keep_last_k=2
+    assert sorted(p.name for p in (rd / "ray").iterdir() if p.name != st.LOCAL_SNAPSHOT) == kept
+    st.verify_checkpoint_dir(rd / "ray" / "checkpoint_00000008")
 
 
 def test_bf16_autocast_with_torch_compile_tracks_the_fp32_run(ray_session, char_data, tmp_path, reference):
