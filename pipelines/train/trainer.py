@@ -30,7 +30,7 @@ from typing import Any
 from pipelines import _ray_compat, console
 from pipelines.config import ConfigError, config_hash, to_dict
 from pipelines.errors import UserError
-from pipelines.runtime import ensure_ray
+from pipelines.runtime import _free_port, ensure_ray, local_ray_started_here
 from pipelines.train import state as st
 from pipelines.train.config import RESUMABLE_CHANGES, TrainConfig
 from pipelines.train.data import check_compatible, open_dataset
@@ -209,8 +209,6 @@ def resolve_launcher(cfg: TrainConfig, resumed_by: str | None = None) -> str:
         return resumed_by
     if cfg.launcher != "auto":
         return cfg.launcher
-    from pipelines.runtime import local_ray_started_here
-
     one_local_worker = cfg.num_workers == 1 and cfg.max_failures == 0
     no_cluster = not os.environ.get("RAY_ADDRESS") and (not _ray_connected() or local_ray_started_here())
     return "local" if one_local_worker and no_cluster else "ray"
@@ -382,8 +380,6 @@ def _fit_local(trainer, train_env: dict[str, str]):
     process group are as before afterwards, also when training fails."""
     import torch
     import torch.distributed as dist
-
-    from pipelines.runtime import _free_port
 
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
