@@ -1,6 +1,6 @@
 """Generation speed: the gptcore engine vs Hugging Face `transformers` generate, on the same weights.
 
-    .venv/bin/python bench/generate.py [--shapes tiny,gpt2] [--dtypes float32,bfloat16] [--batches 1,16]
+    .venv/bin/python bench/generate.py [--shapes tiny,gpt2] [--dtypes float32[,bfloat16]] [--batches 1,16]
                                        [--repeats 5] [--threads N] [--kernel auto] [--json out.json]
 
 For each shape (tiny: 4 layers, n_embd 128, vocab 4096; gpt2: GPT-2 small 12/12/768, vocab 50257; random
@@ -62,7 +62,8 @@ def build(shape: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="tiny,gpt2")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="", help="default: float32,bfloat16 where the CPU runs bf16 natively "
+                    "(AVX512-BF16 / AMX), else float32 (emulated bf16 takes HF many minutes per row)")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -79,6 +80,13 @@ def main() -> None:
     from gptcore.sampling import SamplingParams
 
     transformers.logging.set_verbosity_error()
+    if not args.dtypes:
+        from pipelines.train.deepspeed import cpu_bf16_ok
+
+        args.dtypes = "float32,bfloat16" if cpu_bf16_ok() else "float32"
+        if args.dtypes == "float32":
+            print("bf16 rows skipped: this CPU has no native bf16 (AVX512-BF16 / AMX); --dtypes float32,bfloat16 "
+                  "runs them emulated", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     start = print_conditions("generate", {"ours": torch.get_num_threads(), "hf": torch.get_num_threads()})
