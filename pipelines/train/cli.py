@@ -58,7 +58,7 @@ def _train(args) -> int:
     from pipelines.train.trainer import run
 
     res = run(cfg, resume=args.resume)
-    print(json.dumps({"run_dir": str(res.run_dir), "steps": res.steps, "final_loss": res.final_loss,
+    print(json.dumps({"run_dir": str(res.run_dir), "launcher": res.extra.get("launcher"), "steps": res.steps, "final_loss": res.final_loss,
                       "final_val_loss": res.final_val_loss, "best_val_loss": res.best_val_loss,
                       "last_checkpoint": str(res.last_checkpoint), "wall_s": round(res.wall_s, 1),
                       **{k: res.extra.get(k) for k in ("median_tokens_per_s", "median_mfu", "loss_curve",

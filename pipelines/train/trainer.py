@@ -305,6 +305,9 @@ def run(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> TrainResul
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     marks["validated"] = time.time()
+    if plan.resume_from is not None:
+        log.info("train: resuming %s from %s (step %d of %d)", run_dir, plan.resume_from.name, plan.resume_step,
+                 cfg.max_steps)
     if plan.launcher == "local":
         log.info("train: launcher=local (Ray Train's local mode: the one worker runs in this process; "
                  "launcher=ray runs it as a Ray actor)")
