@@ -18,7 +18,9 @@ alike: offline batch-16 run then a 16-client serve run (ratio of tokens/s, media
 direct engine call then one HTTP request with the same prompt (difference, median over pairs).
 The difference compares engine speed in two processes (~2-3% noise: ~10 ms on a 375 ms request), so
 goal 2 is also reported per request: HTTP latency minus the engine time the replica itself reports
-in the response's Server-Timing header.
+in the response's Server-Timing header, once through httpx (what earlier sessions reported) and once through
+RawHTTP, a one-socket keep-alive client that adds ~0.1 ms of its own (httpx adds ~1-2 ms of client CPU on
+2 slow cores), with the handler's own share (Server-Timing app - engine).
 The HTTP clients run in this process, on the same cores as Serve: they take a share of the CPU, so
 the load generator is aiohttp (~0.4-0.7 ms of CPU per request, httpx ~1.6) and each client's
 keep-alive connection is opened before a run's clock starts.
@@ -199,6 +201,46 @@ def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     return out
 
 
+class RawHTTP:
+    """The leanest keep-alive HTTP/1.1 client: one socket, a request written in one send, the response read
+    by its Content-Length (Serve's non-streaming answers carry one). ~0.1 ms of client CPU per request
+    where httpx spends ~1-2 ms on this kind of machine; the goal-2 figures are the server's overhead, so the
+    client should add as little as it can. Not for streaming answers (chunked)."""
+
+    def __init__(self, port: int, timeout_s: float = 120.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict[str, str], bytes]:
+        data = json.dumps(body).encode() if body is not None else b""
+        self.sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += self._recv()
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
+        n = int(headers.get("content-length", "0"))
+        while len(rest) < n:
+            rest += self._recv()
+        return int(status_line.split()[1]), headers, rest[:n]
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """`queue;dur=1.2, engine;dur=3.4` -> {"queue": 1.2, "engine": 3.4} (ms)."""
+    return {k.strip(): float(v) for k, _, v in (p.partition(";dur=") for p in header.split(",") if ";dur=" in p)}
+
+
 PAIR_REQUESTS = 64  # per 16-client serve run of a goal-1 pair: 4 per client
 
 
@@ -318,12 +360,16 @@ def main(argv: list[str] | None = None) -> int:
     pairs_lat: list[tuple[float, float]] = []  # (direct call, serve@1 request) back to back
     health: list[float] = []
     outside: list[float] = []  # serve@1 request latency minus its Server-Timing engine time (same request)
+    outside_raw: list[float] = []  # the same through RawHTTP (the leanest client)
+    app_minus_engine: list[float] = []  # the replica's handler time outside the engine (Server-Timing app - engine)
+    health_raw: list[float] = []
     cpu: dict[str, float] = {}  # CPU seconds per role over the 16-client runs of the throughput pairs
     cpu_requests = 0
     offline_cpu: list[float] = []  # CPU seconds per request of the offline batch-16 runs
     import httpx
 
     http = httpx.Client(timeout=120)
+    raw = RawHTTP(port)
     try:
         for rnd in range(args.rounds):
             for c in levels:
@@ -345,17 +391,30 @@ def main(argv: list[str] | None = None) -> int:
                 r = http.post(url, json={"prompt": p, "max_tokens": args.new_tokens, "temperature": 1.0,
                                          "ignore_eos": True})
                 pairs_lat.append((d, time.perf_counter() - t0))
-                timing = dict(p.strip().split(";dur=") for p in r.headers.get("server-timing", "").split(",") if p)
+                timing = server_timing(r.headers.get("server-timing", ""))
                 if "engine" in timing:
-                    outside.append(pairs_lat[-1][1] - float(timing["engine"]) / 1e3)
+                    outside.append(pairs_lat[-1][1] - timing["engine"] / 1e3)
                 assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == args.new_tokens
                 t0 = time.perf_counter()
                 http.get(url.replace("/v1/completions", "/health"))  # Serve's bare round trip, for reference
                 health.append(time.perf_counter() - t0)
+                # the same request through the leanest client: what the server (not httpx) adds
+                t0 = time.perf_counter()
+                status, headers, _ = raw.request("POST", "/v1/completions", {
+                    "prompt": p, "max_tokens": args.new_tokens, "temperature": 1.0, "ignore_eos": True})
+                dt = time.perf_counter() - t0
+                timing = server_timing(headers.get("server-timing", ""))
+                assert status == 200 and "engine" in timing
+                outside_raw.append(dt - timing["engine"] / 1e3)
+                app_minus_engine.append((timing["app"] - timing["engine"]) / 1e3)
+                t0 = time.perf_counter()
+                raw.request("GET", "/health")
+                health_raw.append(time.perf_counter() - t0)
             print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
                 f"serve@{c} {rows[f'c{c}'][-1]['tps']:.0f} tok/s" for c in levels), flush=True)
     finally:
         http.close()
+        raw.close()
         serve.shutdown()
         ray.shutdown()
         tmp.cleanup()
@@ -386,7 +445,12 @@ def main(argv: list[str] | None = None) -> int:
           f"GET /health p50 {statistics.median(health) * 1e3:.1f} ms (the ingress round trip alone)")
     if outside:
         print(f"goal 2, same request: serve@1 latency minus the replica's own engine time (Server-Timing), p50 over "
-              f"{len(outside)} requests = {statistics.median(outside) * 1e3:.1f} ms (no cross-process noise)")
+              f"{len(outside)} requests = {statistics.median(outside) * 1e3:.1f} ms (no cross-process noise; httpx client)")
+    if outside_raw:
+        print(f"goal 2, same request, lean client (one keep-alive socket): latency minus engine time p50 "
+              f"{statistics.median(outside_raw) * 1e3:.2f} ms over {len(outside_raw)} requests; of it in the replica's "
+              f"handler outside the engine (Server-Timing app - engine) p50 {statistics.median(app_minus_engine) * 1e3:.2f} ms; "
+              f"GET /health p50 {statistics.median(health_raw) * 1e3:.2f} ms")
     if cpu_requests:
         per = {r: v / cpu_requests * 1e3 for r, v in sorted(cpu.items(), key=lambda kv: -kv[1])}
         print(f"CPU ms per request at 16 clients ({cpu_requests} requests): " +

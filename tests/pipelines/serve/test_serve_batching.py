@@ -145,3 +145,28 @@ def test_non_streaming_request_arrives_whole_with_its_first_token_time(engine, m
     assert evs[0].token_ids == ref.token_ids and evs[0].text == ref.text and s.tokens == 40
     assert 0 < s.ttft_s < s.last_token_t - s.arrival  # the first of 40 tokens came before the last
     assert s.tpot_s > 0
+
+
+def test_step_hook_counts_every_step_after_the_finished_request_resumes(engine, make_batcher):
+    """on_step (the replica's Prometheus hook) sees each engine step once, with its batch size, and runs
+    after the consumers its step outputs woke: a finished request's answer is not held up by metrics."""
+    async def main():
+        calls: list[tuple[int, bool]] = []  # (sequences in the step, whether the request's consumer was done)
+        done = asyncio.Event()
+        b = make_batcher(max_batch_size=4, on_step=lambda seqs, queued, running: calls.append((seqs, done.is_set())))
+        b.start()
+        try:
+            s = b.submit("r", engine.tokenizer.encode("Once upon a time"), _params(12), stream=False)
+            async for _ in s:
+                pass
+            done.set()
+            for _ in range(20):  # let the deferred hook run
+                await asyncio.sleep(0)
+            return calls, b.stats.steps
+        finally:
+            b.close()
+
+    calls, steps = asyncio.run(main())
+    assert len(calls) == steps >= 12 and all(seqs == 1 for seqs, _ in calls)
+    # the step that finished the request was counted after its consumer had its answer
+    assert calls[-1][1] is True
