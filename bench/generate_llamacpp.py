@@ -149,7 +149,7 @@ def bench_row(shape: str, ftype: str, prompts: list[list[int]], engine, params, 
                kernel=engine.kernel, threads=args.threads,
                llama_flash_attn=fa.decode() if isinstance(fa, bytes) else fa)
     row["ratio"] = round(row["ours_tok_s"] / row["llama_tok_s"], 2)
-    print(f"| {shape:5} | {ftype:4} vs {OUR_DTYPE[ftype]:8} | {B:>5} | {row['ours_tok_s']:>10} | "
+    print(f"| {shape:5} | {ftype:4} vs {OUR_DTYPE[ftype]:8} | {engine.kernel:6} | {B:>5} | {row['ours_tok_s']:>10} | "
           f"{row['llama_tok_s']:>11} | {row['ratio']:>5} | {str(row['identical']):>9} | "
           f"{row['token_agreement']:>6} |", flush=True)
     return row
@@ -170,17 +170,19 @@ def bench_shape(shape: str, args, tmp: Path) -> list[dict]:
     for ftype in args.ftypes.split(","):
         path = write_gguf(model, tmp / f"{shape}-{ftype}.gguf", ftype)
         dtype = getattr(torch, OUR_DTYPE[ftype])
-        engine = Engine(model, None, dtype=dtype, max_batch_size=max(64, max(batches)), kernel=args.kernel)
+        engines = {k: Engine(model, None, dtype=dtype, max_batch_size=max(64, max(batches)), kernel=k)
+                   for k in args.kernel.split(",")}
         params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
         for B in batches:  # a llama.cpp context per batch size (n_seq_max = B)
             g = torch.Generator().manual_seed(B)
             prompts = torch.randint(0, V, (B, args.prompt_len), generator=g).tolist()
             llama = LlamaCppDecoder(path, B, args.prompt_len, args.prompt_len + args.new_tokens, args.threads)
-            try:
-                row = bench_row(shape, ftype, prompts, engine, params, llama, args)
+            try:  # each of our kernels against the same llama.cpp context, one after the other
+                for engine in engines.values():
+                    row = bench_row(shape, ftype, prompts, engine, params, llama, args)
+                    rows.append({**row, "gguf_mib": round(path.stat().st_size / 2**20, 1)})
             finally:
                 llama.close()
-            rows.append({**row, "gguf_mib": round(path.stat().st_size / 2**20, 1)})
     return rows
 
 
@@ -193,7 +195,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="threads of both: torch intra-op and llama.cpp")
-    ap.add_argument("--kernel", default="auto", help="our Engine kernel: auto | onednn | torch | model")
+    ap.add_argument("--kernel", default="auto", help="our Engine kernel(s), comma-separated: auto | gemv | onednn | "
+                    "torch | model (each gets its own row against the same llama.cpp context)")
     ap.add_argument("--workdir", default="", help="where the GGUF files go (default: a temporary folder)")
     ap.add_argument("--json", default="", help="also write the rows as JSON to this file")
     ap.add_argument("--verbose", action="store_true", help="llama.cpp's own log on stderr")
@@ -214,7 +217,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, prompt {args.prompt_len} + "
           f"{args.new_tokens} new tokens, greedy, median of {args.repeats} runs; system: "
           f"{llama_cpp.llama_print_system_info().decode().strip()}", flush=True)
-    print("| shape | GGUF vs ours     | batch | ours tok/s | llama tok/s | ratio | identical | agree  |", flush=True)
+    print("| shape | GGUF vs ours     | kernel | batch | ours tok/s | llama tok/s | ratio | identical | agree  |",
+          flush=True)
     tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="raygpt-gguf-"))
     rows = [r for shape in args.shapes.split(",") for r in bench_shape(shape, args, tmp)]
     if args.json:

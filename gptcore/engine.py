@@ -36,9 +36,10 @@ gptcore.engine_requests (the public names are re-exported here).
 
 Speed: the inference forward (`Forward`) is GPT.forward's maths with less overhead (one attention
 mask per step, no mask at all for an equal-length decode step, strided KV writes when rows are
-equally long). On x86 CPUs large Linear weights are pre-packed once for oneDNN, ~3x faster than the
-default fp32 GEMM for skinny decode matmuls (see gptcore.engine_forward). kernel="model" runs
-`GPT.forward` itself (the reference the tests compare against).
+equally long). On x86 CPUs with AVX2 decode matmuls run on a hand-written streaming kernel
+(gptcore.gemv: a decode step is bound by reading the weights), else on oneDNN pre-packed weights,
+~3x faster than the default fp32 GEMM for skinny matmuls (see gptcore.engine_forward).
+kernel="model" runs `GPT.forward` itself (the reference the tests compare against).
 
 Context rule: a request needs prompt_tokens + max_new_tokens <= block_size; otherwise
 `PromptTooLongError`, or with truncate="left" the prompt keeps its last block_size - max_new_tokens

@@ -1,20 +1,28 @@
-"""The engine's inference forward: GPT.forward's maths over a KV cache with less overhead, on oneDNN
-pre-packed weights where that pays (the "packed fast path").
+"""The engine's inference forward: GPT.forward's maths over a KV cache with less overhead, on a
+streaming decode kernel (gptcore.gemv) or oneDNN pre-packed weights where those pay.
 
     from gptcore.engine_forward import Forward
-    fwd = Forward(model, torch.device("cpu"), torch.float32, kernel="auto")   # "onednn" | "torch" | "model"
+    fwd = Forward(model, torch.device("cpu"), torch.float32, kernel="auto")   # "gemv" | "onednn" | "torch" | "model"
     cache = fwd.new_cache(batch_size=4, max_len=128)
     logits = fwd(idx, cache)                          # idx (B, T) right-padded -> (B, V) fp32 logits
     logits = fwd.mixed(last, idx, lens, cache)        # decode n rows + prefill B new rows in ONE forward
 
 Internal to gptcore.engine (Engine builds one `Forward` per engine and drives it); tested through
-`tests/gptcore/test_engine.py`. Why it exists: one attention mask per step (none at all for an
-equal-length decode step), strided KV writes when rows are equally long, and on x86 CPUs large Linear
-weights pre-packed once for oneDNN (torch.ops.mkldnn._linear_pointwise, the kernel torch.compile's CPU
-"freezing" uses), ~3x faster than the default fp32 GEMM for skinny decode matmuls and equal to
-nn.Linear up to fp32 rounding (checked at start-up, otherwise nn.Linear is used). In bf16 the weights
-are bf16 but keys, values and attention stay fp32 (CPU bf16 attention is slower and less accurate).
-kernel="model" runs `GPT.forward` itself (the reference the tests compare against).
+`tests/gptcore/test_engine.py` and `tests/gptcore/test_gemv.py`. Why it exists: one attention mask
+per step (none at all for an equal-length decode step), strided KV writes when rows are equally long,
+and on x86 CPUs a matmul kernel chosen for decoding:
+- "gemv" (auto's choice on x86-64 CPUs with AVX2 where a C compiler builds gptcore/gemv.c): the
+  weights stay in nn.Linear's layout and up to gemv.MAX_ROWS rows stream them through a hand-written
+  dot-product kernel, the speed a decode step is bound by (BENCHMARKS.md: 1.3x oneDNN at batch 1 and
+  still ahead at 16); more rows (prefill) go to torch's GEMM. With bf16 only the matmul weights are
+  bf16 (half the bytes to stream); activations, keys, values and sums stay fp32.
+- "onednn": large Linear weights pre-packed once for oneDNN (torch.ops.mkldnn._linear_pointwise, the
+  kernel torch.compile's CPU "freezing" uses), ~3x faster than the default fp32 GEMM for skinny decode
+  matmuls. In bf16 the weights and activations are bf16 but keys, values and attention stay fp32 (CPU
+  bf16 attention is slower and less accurate).
+Both are checked against nn.Linear at start-up (otherwise the next kernel down is used).
+kernel="torch" uses nn.functional.linear; kernel="model" runs `GPT.forward` itself (the reference
+the tests compare against).
 
 Does not: sample, schedule rows or own a cache (callers pass a `gptcore.model.KVCache`), or shard
 across devices.
@@ -28,6 +36,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
+from gptcore import gemv as _gemv
 from gptcore.engine_requests import EngineError
 from gptcore.model import GPT, KVCache
 
@@ -50,6 +59,8 @@ def _no_onednn(*args: object) -> torch.Tensor:  # pragma: no cover - PackedLinea
 _LINEAR_POINTWISE: Callable[..., torch.Tensor] = (
     torch.ops.mkldnn._linear_pointwise.default if onednn_available() else _no_onednn)
 
+_GEMV_MAX_ROWS = _gemv.MAX_ROWS
+
 # one transformer block's weights, in the order __call__ uses them:
 # ln_1 (weight, bias), attn.c_attn, attn.c_proj, ln_2 (weight, bias), mlp.c_fc, mlp.c_proj
 _Layer = tuple[torch.Tensor, torch.Tensor | None, "PackedLinear", "PackedLinear",
@@ -57,27 +68,45 @@ _Layer = tuple[torch.Tensor, torch.Tensor | None, "PackedLinear", "PackedLinear"
 
 
 class PackedLinear:
-    """y = x W^T + b, optionally fused with tanh-GELU, on oneDNN pre-packed weights when that pays.
+    """y = x W^T + b, optionally fused with GELU, on the kernel that suits the matmul.
 
-    oneDNN's packed GEMM is ~3x faster than the default fp32 GEMM for skinny decode matmuls, but has
-    a fixed per-call cost of tens of microseconds, so tiny matmuls (rows x in x out < 2^20
-    multiply-adds, weights < 2^20 elements) keep nn.functional.linear."""
+    gemv=True (kernel "gemv"): gptcore.gemv's streaming kernel for up to gemv.MAX_ROWS rows (a decode
+    step: bound by reading the weights), torch's GEMM above (prefill: compute-bound). The weight may
+    be bf16 (half the bytes to stream); inputs and outputs are fp32 either way.
+    packed=True (kernel "onednn"): oneDNN's packed GEMM, ~3x faster than the default fp32 GEMM for
+    skinny matmuls, but with a fixed per-call cost of tens of microseconds, so tiny matmuls (rows x
+    in x out < 2^20 multiply-adds, weights < 2^20 elements) keep nn.functional.linear."""
 
-    __slots__ = ("w", "b", "packed", "small", "approximate")
+    __slots__ = ("w", "b", "packed", "small", "approximate", "gemv", "gelu_code", "b_w", "kern")
 
     BIG = 1 << 20
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool, approximate: str = "tanh"):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool, approximate: str = "tanh",
+                 gemv: bool = False):
         self.b = bias
         self.approximate = approximate  # of the fused GELU: "tanh" (GPT-2) or "none" (exact)
+        self.gemv = gemv
+        self.gelu_code = 1 if approximate == "tanh" else 2  # gptcore.gemv's GELU codes
+        # the bias in the weight's dtype, for torch's GEMM above gemv.MAX_ROWS rows (bf16 weights)
+        self.b_w = None if bias is None or not gemv else bias.to(weight.dtype)
+        self.kern = _gemv.bind(weight, bias) if gemv else None
         self.small = weight.numel() < self.BIG
         # the batch-size hint only picks the packed layout; any number of rows works afterwards
+        packed = packed and not gemv
         self.packed: torch.Tensor | None = torch.ops.mkldnn._reorder_linear_weight(weight, 16) if packed else None
         # big weights: packed copy only
         self.w: torch.Tensor | None = weight if (self.packed is None or self.small) else None
 
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:  # x: (N, in)
         w = self.w
+        kern = self.kern
+        if kern is not None:
+            assert w is not None
+            if x.shape[0] <= _GEMV_MAX_ROWS:
+                return kern(x, self.gelu_code if gelu else 0)
+            y = torch._C._nn.linear(x.to(w.dtype), w, self.b_w)
+            y = torch._C._nn.gelu(y, approximate=self.approximate) if gelu else y
+            return y.float()
         if self.packed is not None and (w is None or x.shape[0] * w.numel() >= self.BIG):
             if gelu:
                 return _LINEAR_POINTWISE(x, self.packed, self.b, "gelu", [], self.approximate)
@@ -90,8 +119,9 @@ class PackedLinear:
 class Forward:
     """Inference forward over a KVCache: same maths as GPT.forward(cache=...), fewer overheads.
 
-    kernel: "onednn" (packed weights, CPU), "torch" (nn.functional.linear) or "model" (call
-    GPT.forward itself; the reference the others are tested against)."""
+    kernel: "gemv" (gptcore.gemv's decode kernel, x86 CPU), "onednn" (packed weights, CPU), "torch"
+    (nn.functional.linear) or "model" (call GPT.forward itself; the reference the others are tested
+    against); "auto" picks the first available of gemv, onednn, torch."""
 
     # the engine's own weights (kernels "onednn" and "torch"; absent with kernel "model")
     wte: torch.Tensor  # (V, C)
@@ -106,18 +136,33 @@ class Forward:
         # bf16 on CPU: keys/values (and attention) stay fp32; the CPU bf16 SDPA kernel is ~5x slower
         # than fp32 for one-token queries, and fp32 attention is also the more accurate choice
         self.cache_dtype = torch.float32 if (device.type == "cpu" and dtype == torch.bfloat16) else dtype
+        cpu_dtype = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
         if kernel == "auto":
-            kernel = "onednn" if (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-                                  and onednn_available()) else "torch"
-        if kernel not in ("onednn", "torch", "model"):
-            raise EngineError(f"kernel must be 'auto', 'onednn', 'torch' or 'model', got {kernel!r}")
+            if cpu_dtype and _gemv.available():
+                kernel = "gemv"
+            else:
+                kernel = "onednn" if (cpu_dtype and onednn_available()) else "torch"
+        if kernel not in ("gemv", "onednn", "torch", "model"):
+            raise EngineError(f"kernel must be 'auto', 'gemv', 'onednn', 'torch' or 'model', got {kernel!r}")
+        if kernel == "gemv" and not (cpu_dtype and _gemv.available()):
+            why = _gemv.why_unavailable() if cpu_dtype else f"it runs fp32/bf16 on a CPU, not {dtype} on {device}"
+            raise EngineError(f"kernel='gemv' is unavailable here: {why}; use kernel='auto' (picks the best "
+                              "available) or 'onednn' / 'torch'")
+        # the activations' dtype: the gemv kernel reads bf16 weights but computes in fp32 throughout
+        self.act_dtype = torch.float32 if kernel == "gemv" else dtype
         self.model: GPT | None = None
         if kernel == "model":
             p = next(model.parameters())
             if p.dtype != dtype or p.device != device or model.training:
                 model = copy.deepcopy(model).to(device=device, dtype=dtype)
             self.model = model.eval()
-        else:
+        elif kernel == "gemv":
+            self._load_weights(model, packed=False, gemv=True)
+            if not self._probe(model):  # a compiler or CPU that miscomputes: use oneDNN / torch instead
+                kernel = "onednn" if onednn_available() else "torch"
+                self.act_dtype = dtype
+                self._load_weights(model, packed=kernel == "onednn")
+        if kernel in ("onednn", "torch") and not hasattr(self, "layers"):
             packed = kernel == "onednn"
             try:
                 self._load_weights(model, packed)
@@ -133,40 +178,50 @@ class Forward:
                 self._load_weights(model, packed=False)
         self.kernel = kernel
 
-    def _load_weights(self, model: GPT, packed: bool) -> None:
-        """Copy the model's weights (detached, contiguous, in self.dtype) into the per-layer tuples."""
-        device, dtype = self.device, self.dtype
+    def _load_weights(self, model: GPT, packed: bool, gemv: bool = False) -> None:
+        """Copy the model's weights (detached, contiguous) into the per-layer tuples: matmul weights in
+        self.dtype, everything else (embeddings, LayerNorms, biases) in the activations' dtype."""
+        device, dtype, act = self.device, self.dtype, self.act_dtype
 
-        def t(x: torch.Tensor) -> torch.Tensor:
-            return x.detach().to(device=device, dtype=dtype).contiguous()
+        def t(x: torch.Tensor, dt: torch.dtype = act) -> torch.Tensor:
+            return x.detach().to(device=device, dtype=dt).contiguous()
 
         def opt(x: torch.Tensor | None) -> torch.Tensor | None:  # biases: None when config.bias is False
             return None if x is None else t(x)
 
+        def lin(m: torch.nn.Linear, approximate: str = "tanh") -> PackedLinear:
+            return PackedLinear(t(m.weight, dtype), opt(m.bias), packed, approximate, gemv=gemv)
+
         tr = model.transformer
-        self.wte, self.wpe = t(tr.wte.weight), t(tr.wpe.weight)
+        self.wpe = t(tr.wpe.weight)
         self.layers = []
         for blk in tr.blocks():
             attn, mlp = blk.attn, blk.mlp
             self.layers.append((
-                t(blk.ln_1.weight), opt(blk.ln_1.bias),
-                PackedLinear(t(attn.c_attn.weight), opt(attn.c_attn.bias), packed),
-                PackedLinear(t(attn.c_proj.weight), opt(attn.c_proj.bias), packed),
-                t(blk.ln_2.weight), opt(blk.ln_2.bias),
-                PackedLinear(t(mlp.c_fc.weight), opt(mlp.c_fc.bias), packed, self.config.gelu_approximate),
-                PackedLinear(t(mlp.c_proj.weight), opt(mlp.c_proj.bias), packed),
+                t(blk.ln_1.weight), opt(blk.ln_1.bias), lin(attn.c_attn), lin(attn.c_proj),
+                t(blk.ln_2.weight), opt(blk.ln_2.bias), lin(mlp.c_fc, self.config.gelu_approximate), lin(mlp.c_proj),
             ))
         self.ln_f = (t(tr.ln_f.weight), opt(tr.ln_f.bias))
-        self.lm_head = PackedLinear(t(model.lm_head.weight), None, packed)
+        self.lm_head = lin(model.lm_head)
+        # the token embedding: with tied weights and bf16 matmul weights, embed from the head's bf16
+        # copy (one copy of the biggest matrix) and widen the looked-up rows
+        tied = model.lm_head.weight is tr.wte.weight
+        self.wte = self.lm_head.w if (tied and self.lm_head.w is not None) else t(tr.wte.weight)
 
     def _probe(self, model: GPT) -> bool:
         """Check the packed kernel against nn.Linear once (exotic CPUs/builds fall back to torch)."""
         try:
             lin = model.transformer.blocks()[0].mlp.c_fc
+            fc = self.layers[0][6]
+            if fc.gemv:  # the kernel against torch on the same (possibly bf16) weight, widened
+                assert fc.w is not None
+                x = torch.randn(3, lin.in_features, dtype=torch.float32, device=self.device)
+                ref = F.gelu(F.linear(x, fc.w.float(), fc.b), approximate=self.config.gelu_approximate)
+                got = _gemv.linear(x, fc.w, fc.b, fc.gelu_code)
+                return bool(torch.allclose(got, ref, atol=1e-4, rtol=1e-4))
             x = torch.randn(3, lin.in_features, dtype=self.dtype, device=self.device)
             ref = F.gelu(F.linear(x, lin.weight.to(self.dtype), None if lin.bias is None else lin.bias.to(self.dtype)),
                          approximate=self.config.gelu_approximate)
-            fc = self.layers[0][6]
             got = torch.ops.mkldnn._linear_pointwise(x, fc.packed, fc.b, "gelu", [], fc.approximate)
             tol = 1e-4 if self.dtype == torch.float32 else 5e-2
             return bool(torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol))
@@ -216,7 +271,7 @@ class Forward:
         if lo != hi:
             scatter_idx = pos[:, None, :, None].expand(B, nh, T, hs)  # (B, nh, T, hs)
         eps = cfg.layer_norm_epsilon
-        upcast = adt != self.dtype
+        upcast = adt != self.act_dtype
         layer_norm, sdpa = torch.layer_norm, F.scaled_dot_product_attention
         decode = T == 1 and lo == hi  # the hot path: one token per row, all rows equally long
         for layer, (w1, b1, attn, proj, w2, b2, fc, fc2) in enumerate(self.layers):
@@ -240,7 +295,7 @@ class Forward:
                 q = q.to(adt)
             y = sdpa(q, kc[:, :, :t_used], vc[:, :, :t_used], attn_mask=attn_mask)  # (B, nh, T, hs)
             y = y.reshape(B, C) if decode else y.transpose(1, 2).reshape(B * T, C)
-            x = x + proj(y.to(self.dtype) if upcast else y)
+            x = x + proj(y.to(self.act_dtype) if upcast else y)
             h = layer_norm(x, (C,), w2, b2, eps)
             x = x + fc2(fc(h, gelu=True))
         cache.lengths = cache.lengths + (advance if advance is not None else T)
@@ -290,7 +345,7 @@ class Forward:
         pos = torch.cat([start, ar.repeat(B)]).clamp_(max=cfg.block_size - 1)
         x = F.embedding(tok, self.wte) + F.embedding(pos, self.wpe)  # (N, C)
         eps = cfg.layer_norm_epsilon
-        upcast = adt != self.dtype
+        upcast = adt != self.act_dtype
         layer_norm, sdpa = torch.layer_norm, F.scaled_dot_product_attention
         for layer, (w1, b1, attn, proj, w2, b2, fc, fc2) in enumerate(self.layers):
             h = layer_norm(x, (C,), w1, b1, eps)
@@ -313,7 +368,7 @@ class Forward:
             yd = sdpa(qd, kc[:n, :, :t_used], vc[:n, :, :t_used], attn_mask=dec_mask)  # (n, nh, 1, hs)
             yp = sdpa(qp, kc[n:n + B, :, :T], vc[n:n + B, :, :T], attn_mask=pre_mask)  # (B, nh, T, hs)
             y = torch.cat([yd.reshape(n, C), yp.transpose(1, 2).reshape(B * T, C)])  # (N, C)
-            x = x + proj(y.to(self.dtype) if upcast else y)
+            x = x + proj(y.to(self.act_dtype) if upcast else y)
             h = layer_norm(x, (C,), w2, b2, eps)
             x = x + fc2(fc(h, gelu=True))
         cache.lengths[:n] += 1

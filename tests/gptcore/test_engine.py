@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from gptcore import gemv
 from gptcore.config import GPTConfig
 from gptcore.engine import Engine, PromptTooLongError
 from gptcore.model import GPT, KVCache
@@ -75,13 +76,15 @@ def test_causality_future_tokens_never_change_past_logits(model):
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 
-@pytest.mark.parametrize("kernel", ["model", "torch", "onednn", "onednn-always-packed"])
+@pytest.mark.parametrize("kernel", ["model", "torch", "onednn", "onednn-always-packed", "gemv"])
 def test_kv_cache_decode_equals_full_recompute(model, kernel, monkeypatch):
     if kernel == "onednn-always-packed":  # tiny matmuls normally skip the packed kernel: force it
         import gptcore.engine
 
         monkeypatch.setattr(gptcore.engine._Linear, "BIG", 0)
         kernel = "onednn"
+    if kernel == "gemv" and not gemv.available():
+        pytest.skip(f"the gemv kernel is unavailable here: {gemv.why_unavailable()}")
     eng = Engine(model, None, kernel=kernel)
     if kernel == "onednn" and eng.kernel != "onednn":
         pytest.skip("oneDNN is not available in this torch build")
@@ -350,11 +353,14 @@ def test_abort_frees_the_slot_and_generate_refuses_while_busy(model):
 
 
 @pytest.mark.parametrize("kernel,dtype", [("onednn", torch.float32), ("torch", torch.float32),
-                                          ("onednn", torch.bfloat16)])
+                                          ("onednn", torch.bfloat16), ("gemv", torch.float32),
+                                          ("gemv", torch.bfloat16)])
 def test_mixed_step_equals_a_decode_step_plus_a_separate_prefill(model, kernel, dtype):
     """Requests joining a running batch are prefilled in the same forward as the decode step
     (`_Forward.mixed`); its logits and cache writes must equal the two separate forwards (bf16: weights
     bf16, keys/values fp32, within bf16 rounding)."""
+    if kernel == "gemv" and not gemv.available():
+        pytest.skip(f"the gemv kernel is unavailable here: {gemv.why_unavailable()}")
     eng = Engine(model, None, max_batch_size=6, kernel=kernel, dtype=dtype)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     if eng.kernel != kernel:
@@ -453,9 +459,11 @@ def test_add_request_without_deltas_reports_each_completion_once_whole(model):
 
 
 
-@pytest.mark.parametrize("kernel", ["onednn", "torch"])
+@pytest.mark.parametrize("kernel", ["onednn", "torch", "gemv"])
 def test_exact_gelu_models_decode_like_the_model(kernel):
     """GPTConfig.activation="gelu": the engine's fused/packed MLP uses the exact GELU too."""
+    if kernel == "gemv" and not gemv.available():
+        pytest.skip(f"the gemv kernel is unavailable here: {gemv.why_unavailable()}")
     torch.manual_seed(1)
     m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=V, block_size=96, activation="gelu")).eval()
     eng = Engine(m, None, kernel=kernel)

@@ -1,0 +1,195 @@
+"""The decode matmul kernel (gptcore/gemv.c): built once with the system C compiler, loaded with ctypes.
+
+    from gptcore import gemv
+    if gemv.available():                        # x86-64 with AVX2 + FMA, a C compiler, RAYGPT_GEMV != "0"
+        y = gemv.linear(x, w, b, gelu=1)        # x (M, K) fp32, w (N, K) fp32 or bf16, b (N,) fp32 | None
+        f = gemv.bind(w, b); y = f(x, 1)        # the same, checked once: what the engine calls per step
+    gemv.why_unavailable()                      # "" or the reason (no compiler, CPU without AVX2, ...)
+
+Why a hand-written kernel: a decode step multiplies a few rows by every weight once, so it runs at
+the speed the weights stream from memory; the GEMM libraries torch calls (oneDNN, MKL) are built for
+reuse and, on the AVX2 machines measured (BENCHMARKS.md, "Decoding"), stream the weights at 60-75%
+of what a plain row-by-row dot product reaches, from 1 to 16 rows. Above `MAX_ROWS` rows (prefill)
+the product is compute-bound and torch's GEMM is the better choice; gptcore.engine_forward switches.
+
+Building: `gemv.c` is compiled on first use into a shared library under the kernel cache
+($RAYGPT_KERNEL_CACHE, else $XDG_CACHE_HOME/raygpt/kernels, else ~/.cache/raygpt/kernels), named by
+a hash of the source, the flags and the compiler, and written atomically (concurrent processes on
+one node each compile and rename; the last rename wins, every file is whole). ~0.3 s; later
+processes load the cached file. It uses OpenMP: once torch is imported, the dynamic loader resolves
+libgomp.so.1 to torch's own copy, so the kernel shares torch's thread pool; each call passes
+torch.get_num_threads().
+
+Does not: run on GPUs, non-x86 CPUs or without a C compiler (callers fall back to oneDNN / torch:
+`available()` is False and `why_unavailable()` says why), or handle strided inputs (callers pass
+contiguous tensors).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = ["MAX_ROWS", "available", "why_unavailable", "bind", "linear", "cache_dir"]
+
+SOURCE = Path(__file__).with_name("gemv.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+# above this many rows a product is compute-bound and torch's GEMM wins (measured: BENCHMARKS.md)
+MAX_ROWS = 24
+# below this many multiply-adds one thread is faster than waking the other (fork/join costs ~µs)
+_PARALLEL_MIN = 1 << 17
+
+_lock = threading.Lock()
+_fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]  # ctypes' private base class
+_why: str | None = None  # None: not tried yet; "": loaded
+
+
+def cache_dir() -> Path:
+    if os.environ.get("RAYGPT_KERNEL_CACHE"):
+        return Path(os.environ["RAYGPT_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "raygpt" / "kernels"
+
+
+def _cpu_problem() -> str:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the CPU is {platform.machine()}, not x86-64"
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX2", "AVX512"):
+        return f"the CPU lacks AVX2 (torch reports {cap})"
+    try:  # torch's AVX2 level implies FMA on every CPU it knows; check where the kernel can tell
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "" if " fma" in line else "the CPU lacks FMA"
+    except OSError:
+        pass
+    return ""
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("no C compiler (cc or gcc on PATH, or $CC)")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(FLAGS).encode() + compiler.encode()).hexdigest()[:16]
+    out = cache_dir() / f"gemv-{key}.so"
+    if out.exists():
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return _compile(compiler, out)
+    except OSError:  # a read-only home (containers): a private folder under the temp dir
+        out = Path(tempfile.gettempdir()) / f"raygpt-kernels-{os.getuid()}" / out.name
+        out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = out.parent.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:  # someone else's folder: never load their code
+            raise RuntimeError(f"{out.parent} is not a private folder of this user") from None
+        if out.exists():
+            return out
+        return _compile(compiler, out)
+
+
+def _compile(compiler: str, out: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp, out)  # atomic: a concurrent loader sees no file or a whole one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> str:
+    """Build and load the kernel; return "" or why it is unavailable."""
+    global _fn
+    if os.environ.get("RAYGPT_GEMV", "1") == "0":
+        return "disabled by RAYGPT_GEMV=0"
+    problem = _cpu_problem()
+    if problem:
+        return problem
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return f"could not build or load {SOURCE.name}: {e}"
+    fn = lib.raygpt_linear
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
+    fn.restype = ctypes.c_int
+    _fn = fn
+    return ""
+
+
+def why_unavailable() -> str:
+    global _why
+    if _why is None:
+        with _lock:
+            if _why is None:
+                _why = _load()
+    return _why
+
+
+def available() -> bool:
+    return why_unavailable() == ""
+
+
+def _check(x: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    N, K = w.shape
+    bad_x = x is not None and (x.dim() != 2 or x.shape[1] != K or x.dtype != torch.float32 or not x.is_contiguous())
+    if (bad_x or not w.is_contiguous() or w.dtype not in (torch.float32, torch.bfloat16) or w.device.type != "cpu"
+            or (b is not None and (b.dtype != torch.float32 or b.shape != (N,) or not b.is_contiguous()))):
+        raise ValueError(f"gemv.linear: needs x (M, K) fp32, w (N, K) fp32/bf16, b (N,) fp32, all contiguous on "
+                         f"the CPU; got x {None if x is None else (tuple(x.shape), x.dtype)}, "
+                         f"w {tuple(w.shape)} {w.dtype}, b {None if b is None else (tuple(b.shape), b.dtype)}")
+
+
+def bind(w: torch.Tensor, b: torch.Tensor | None = None) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """The product with one fixed weight (and bias), checked once: returns f(x, gelu) -> y, whose
+    per-call cost is a shape check, one allocation and the C call (a few µs; a decode step makes
+    ~50 of them). The returned function keeps w and b alive."""
+    fn = _fn
+    if fn is None:
+        raise RuntimeError(f"the gemv kernel is unavailable: {why_unavailable() or 'call available() first'}")
+    _check(None, w, b)
+    N, K = w.shape
+    wp, bp = w.data_ptr(), None if b is None else b.data_ptr()
+    wd = 0 if w.dtype == torch.float32 else 1
+    empty, f32, threads = torch.empty, torch.float32, torch.get_num_threads
+    min_rows = -(-_PARALLEL_MIN // max(1, N * K))  # rows from which a second thread pays
+
+    def call(x: torch.Tensor, gelu: int = 0) -> torch.Tensor:
+        M, k = x.shape
+        if k != K or x.dtype != f32 or not x.is_contiguous():
+            _check(x, w, b)
+        y = empty((M, N), dtype=f32)
+        rc = fn(x.data_ptr(), wp, bp, y.data_ptr(), M, N, K, wd, gelu, threads() if M >= min_rows else 1)
+        if rc:
+            raise (MemoryError if rc == -2 else ValueError)(
+                f"gemv kernel failed on x ({M}, {K}) . w ({N}, {K})^T with gelu={gelu!r}: "
+                + ("out of memory" if rc == -2 else "gelu must be 0 (none), 1 (tanh) or 2 (exact)"))
+        return y
+
+    call.weight, call.bias = w, b  # type: ignore[attr-defined]  # keeps the buffers alive
+    return call
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, gelu: int = 0) -> torch.Tensor:
+    """y = x w^T + b, then GELU (gelu: 0 none, 1 tanh approximation, 2 exact); fp32 result.
+
+    x (M, K) fp32 contiguous; w (N, K) fp32 or bf16 contiguous; b (N,) fp32 contiguous or None."""
+    _check(x, w, b)
+    return bind(w, b)(x, gelu)

@@ -1,0 +1,187 @@
+"""gptcore.gemv, the decode matmul kernel: equal to torch's linear (+ GELU) for fp32 and bf16 weights,
+odd shapes and both thread counts; the build cache; the switch-off; and the engine's use of it
+(bf16 weights with fp32 activations equal an fp32 model whose matmul weights were rounded to bf16)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from gptcore import gemv
+from gptcore.config import GPTConfig
+from gptcore.engine import Engine, EngineError
+from gptcore.engine_forward import PackedLinear
+from gptcore.model import GPT
+from gptcore.sampling import SamplingParams
+
+REPO = Path(__file__).resolve().parents[2]
+needs_kernel = pytest.mark.skipif(not gemv.available(), reason=f"gemv unavailable: {gemv.why_unavailable()}")
+GELU = {0: None, 1: "tanh", 2: "none"}
+
+
+def reference(x, w, b, gelu):
+    y = F.linear(x.double(), w.double(), None if b is None else b.double())
+    return y if gelu == 0 else F.gelu(y, approximate=GELU[gelu])
+
+
+@needs_kernel
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(1, 64, 64), (3, 37, 13), (16, 203, 96), (24, 8, 8), (2, 1, 5), (33, 19, 1100)])
+@pytest.mark.parametrize("gelu", [0, 1, 2])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_equals_torch(wdtype, M, N, K, gelu, threads):
+    """N not a multiple of 8 (the scalar tail rows), K not a multiple of 8 (the scalar tail of each dot
+    product), with and without bias, one and two threads; 33 rows x K 1100 (more rows than the engine
+    sends, a long row)."""
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x = torch.randn(M, K, generator=g)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(wdtype)
+    b = torch.randn(N, generator=g) if N % 2 else None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = gemv.linear(x, w, b, gelu)
+    finally:
+        torch.set_num_threads(before)
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    torch.testing.assert_close(got.double(), reference(x, w.float(), b, gelu), atol=2e-5, rtol=2e-5)
+
+
+@needs_kernel
+def test_big_matrix_split_across_threads_equals_one_thread():
+    """The parallel path (above the size where a second thread pays) gives the same sums as one thread:
+    each output is one thread's dot product in the same order."""
+    x, w = torch.randn(2, 768), torch.randn(3000, 768)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = gemv.linear(x, w)
+        torch.set_num_threads(2)
+        two = gemv.linear(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    torch.testing.assert_close(two.double(), reference(x, w, None, 0), atol=1e-4, rtol=1e-5)
+
+
+@needs_kernel
+def test_bad_arguments_name_the_shapes_and_dtypes():
+    with pytest.raises(ValueError, match=r"x \(\(2, 8\), torch.float64\)"):
+        gemv.linear(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"w \(4, 9\)"):
+        gemv.linear(torch.randn(2, 8), torch.randn(4, 9))
+    with pytest.raises(ValueError, match="contiguous"):
+        gemv.linear(torch.randn(8, 2).t(), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="gelu must be 0 .none., 1 .tanh. or 2 .exact."):
+        gemv.linear(torch.randn(2, 8), torch.randn(4, 8), gelu=3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_switches_to_torch_above_max_rows(wdtype):
+    """Decode rows go through the kernel, a prefill of more than MAX_ROWS rows through torch's GEMM;
+    both give the fp32 product of the same weights."""
+    w = (torch.randn(40, 32) / 6).to(wdtype)
+    b = torch.randn(40)
+    lin = PackedLinear(w, b, packed=False, gemv=True)
+    for rows in (1, gemv.MAX_ROWS, gemv.MAX_ROWS + 7):
+        x = torch.randn(rows, 32)
+        got = lin(x, gelu=True)
+        assert got.dtype == torch.float32
+        if wdtype == torch.float32:
+            torch.testing.assert_close(got.double(), reference(x, w, b, 1), atol=2e-5, rtol=2e-5)
+        else:  # above MAX_ROWS torch multiplies in bf16 (its inputs rounded to bf16 too)
+            tol = 2e-5 if rows <= gemv.MAX_ROWS else 5e-2
+            torch.testing.assert_close(got.double(), reference(x, w.float(), b, 1), atol=tol, rtol=tol)
+
+
+def _py(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+@needs_kernel
+def test_build_is_cached_by_source_hash(tmp_path):
+    """The first process compiles into the kernel cache; the next one loads the same file."""
+    code = ("from gptcore import gemv; assert gemv.available(), gemv.why_unavailable(); "
+            "import glob; print(glob.glob(str(gemv.cache_dir() / 'gemv-*.so')))")
+    first = _py(code, RAYGPT_KERNEL_CACHE=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    files = list(tmp_path.glob("gemv-*.so"))
+    assert len(files) == 1 and str(files[0]) in first.stdout
+    mtime = files[0].stat().st_mtime_ns
+    second = _py(code, RAYGPT_KERNEL_CACHE=str(tmp_path))
+    assert second.returncode == 0, second.stderr
+    assert list(tmp_path.glob("gemv-*.so")) == files and files[0].stat().st_mtime_ns == mtime
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".so" and p not in files]  # no temp files left
+
+
+def test_switched_off_engine_falls_back_and_explicit_request_says_why():
+    code = ("import torch; from gptcore import gemv; from gptcore.engine import Engine, EngineError\n"
+            "from gptcore.config import GPTConfig; from gptcore.model import GPT\n"
+            "m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=50, block_size=16))\n"
+            "print('available', gemv.available(), '|', gemv.why_unavailable())\n"
+            "print('auto', Engine(m, None).kernel)\n"
+            "try:\n    Engine(m, None, kernel='gemv')\nexcept EngineError as e:\n    print('error', e)\n")
+    out = _py(code, RAYGPT_GEMV="0")
+    assert out.returncode == 0, out.stderr
+    assert "available False | disabled by RAYGPT_GEMV=0" in out.stdout
+    assert "auto onednn" in out.stdout or "auto torch" in out.stdout
+    assert "error kernel='gemv' is unavailable here: disabled by RAYGPT_GEMV=0; use kernel='auto'" in out.stdout
+
+
+def test_gemv_on_a_non_cpu_dtype_is_refused():
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=50, block_size=16))
+    with pytest.raises(EngineError, match="kernel='gemv' is unavailable here: it runs fp32/bf16 on a CPU"):
+        Engine(m, None, dtype=torch.float16, kernel="gemv")
+
+
+@needs_kernel
+def test_bf16_engine_equals_fp32_model_with_bf16_rounded_matmul_weights():
+    """kernel gemv + bf16: the matmul weights (and the tied embedding) are stored in bf16, everything
+    else stays fp32 and all arithmetic is fp32. So it must equal the fp32 model whose Linear weights
+    were rounded to bf16, up to summation order: same greedy tokens, logprobs within 1e-4."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=300, block_size=64)).eval()
+    rounded = GPT(m.config).eval()
+    rounded.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        for mod in rounded.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.copy_(mod.weight.to(torch.bfloat16).float())
+    eng = Engine(m, None, dtype=torch.bfloat16, kernel="gemv")
+    assert eng.kernel == "gemv" and eng._fwd.lm_head.w.dtype == torch.bfloat16
+    assert eng._fwd.wte.data_ptr() == eng._fwd.lm_head.w.data_ptr()  # tied: one bf16 copy
+    ref = Engine(rounded, None, kernel="model")
+    p = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True, logprobs=True)
+    prompts = [[5, 17, 200], [1, 2, 3, 4, 5, 6, 7, 8], [42]]
+    for a, b in zip(eng.generate(prompts, p), ref.generate(prompts, p)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == pytest.approx(b.outputs[0].logprobs, abs=1e-4)
+
+
+@needs_kernel
+def test_unwritable_cache_falls_back_to_a_private_temp_folder(tmp_path):
+    """A kernel cache that cannot be created (here: below a file; in containers: a read-only home)
+    moves the build to <tmp>/raygpt-kernels-<uid>, a folder only this user may write."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    code = "from gptcore import gemv; print(gemv.available(), gemv.why_unavailable())"
+    out = _py(code, RAYGPT_KERNEL_CACHE=str(blocker / "kernels"), TMPDIR=str(tmp))
+    assert out.returncode == 0 and out.stdout.startswith("True"), out.stdout + out.stderr
+    private = tmp / f"raygpt-kernels-{os.getuid()}"
+    assert len(list(private.glob("gemv-*.so"))) == 1 and private.stat().st_mode & 0o077 == 0
+    # a folder others may write is refused: the kernel is then unavailable, with the reason
+    for f in private.iterdir():
+        f.unlink()
+    private.chmod(0o777)
+    out = _py(code, RAYGPT_KERNEL_CACHE=str(blocker / "kernels"), TMPDIR=str(tmp))
+    assert out.stdout.startswith("False") and "is not a private folder of this user" in out.stdout, out.stdout
