@@ -129,6 +129,10 @@ class Forward:
     layers: list[_Layer]
     ln_f: tuple[torch.Tensor, torch.Tensor | None]
     lm_head: PackedLinear
+    # kernel "gemv": all blocks of a one-token step in one C call (None otherwise); fuse_decode=False
+    # keeps the op-by-op path (the reference the tests compare against)
+    blocks: Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]], None] | None = None
+    fuse_decode: bool = True
 
     def __init__(self, model: GPT, device: torch.device, dtype: torch.dtype, kernel: str):
         self.config = model.config
@@ -203,6 +207,11 @@ class Forward:
             ))
         self.ln_f = (t(tr.ln_f.weight), opt(tr.ln_f.bias))
         self.lm_head = lin(model.lm_head)
+        # gemv: a decode step's blocks as one C call (gemv.c's raygpt_decode_blocks)
+        self.blocks = _gemv.bind_blocks(
+            [(w1, b1, a.w, a.b, p.w, p.b, w2, b2, f.w, f.b, f2.w, f2.b)
+             for w1, b1, a, p, w2, b2, f, f2 in self.layers],
+            self.config.n_head, self.config.layer_norm_epsilon, self.layers[0][6].gelu_code) if gemv else None
         # the token embedding: with tied weights and bf16 matmul weights, embed from the head's bf16
         # copy (one copy of the biggest matrix) and widen the looked-up rows
         tied = model.lm_head.weight is tr.wte.weight
@@ -259,6 +268,13 @@ class Forward:
         if t_used > cache.max_len:
             raise ValueError(f"sequence of {t_used} tokens exceeds the cache length {cache.max_len}")
         adt = self.cache_dtype
+        if T == 1 and self.blocks is not None and self.fuse_decode and B <= _GEMV_MAX_ROWS:
+            # the hot path with the gemv kernel: every block of the step in one C call
+            x = F.embedding(idx[:, 0], self.wte) + F.embedding(start.clamp(max=cfg.block_size - 1), self.wpe)  # (B, C)
+            self.blocks(x, start.contiguous(), cache.k, cache.v)
+            cache.lengths = cache.lengths + (advance if advance is not None else 1)
+            x = torch.layer_norm(x, (C,), self.ln_f[0], self.ln_f[1], cfg.layer_norm_epsilon)
+            return self.lm_head(x).float()  # (B, V)
         if T == 1 and lo == hi:
             attn_mask = None  # one new token per row, all rows equally long: every cached key is visible
         else:

@@ -156,3 +156,115 @@ int raygpt_linear(const float *x, const void *W, const float *b, float *y, int64
     }
     return 0;
 }
+
+/* ---- A whole decode step's transformer blocks in one call -------------------------------------------
+
+   Why: with the matmuls streaming at the memory's speed, what is left of a batch-1 decode step is the
+   ~15 small tensor ops per block around them (LayerNorms, the KV-cache writes, attention, residual
+   adds): each costs a few µs of dispatch in Python and ATen, ~4 ms of a ~27 ms GPT-2 small step.
+   Here they are plain loops over a few thousand floats, between the same matmuls as above.
+
+   x (B, C) is the residual stream (token + position embeddings in, the last block's output out), one
+   new token per row. Row b writes its key and value at position pos[b] of every layer's cache and
+   attends to positions [0, pos[b]] (rows may have different lengths). kc[l], vc[l]: layer l's cache,
+   (B, nh, max_len, hs) contiguous fp32. p: 12 pointers per layer, in this order: ln_1 weight, ln_1 bias,
+   c_attn weight (3C, C), c_attn bias, attn c_proj weight (C, C), its bias, ln_2 weight, ln_2 bias,
+   c_fc weight (4C, C), its bias, mlp c_proj weight (C, 4C), its bias; biases may be NULL; weights are
+   all fp32 (wdtype 0) or all bf16 (wdtype 1). scratch: at least B * (10 C + nh * max_len) floats.
+   Returns 0; -1 bad arguments (a position outside the cache); -2 no memory. */
+
+static int mm_threads(int64_t M, int64_t N, int64_t K, int nthreads) {  /* as gptcore/gemv.py's _PARALLEL_MIN */
+    return M * N * K >= ((int64_t)1 << 17) ? nthreads : 1;
+}
+
+/* h = LayerNorm(x) row by row; the variance from the centred values (two passes, in double) */
+static void layer_norm(const float *x, const float *w, const float *b, float *h, int64_t M, int64_t C, float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * C;
+        double s = 0.0, ss = 0.0;
+        for (int64_t c = 0; c < C; c++) s += xm[c];
+        const double mean = s / (double)C;
+        for (int64_t c = 0; c < C; c++) ss += (xm[c] - mean) * (xm[c] - mean);
+        const float rstd = (float)(1.0 / sqrt(ss / (double)C + (double)eps)), mu = (float)mean;
+        float *hm = h + m * C;
+        for (int64_t c = 0; c < C; c++) hm[c] = (xm[c] - mu) * rstd * (w ? w[c] : 1.0f) + (b ? b[c] : 0.0f);
+    }
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* one block's attention for a decode step: qkv (B, 3C) -> y (B, C), writing k and v into the cache */
+static void attend(const float *qkv, float *kc, float *vc, const int64_t *pos, float *y, float *scores, int64_t B,
+                   int64_t C, int64_t nh, int64_t max_len, int nthreads) {
+    const int64_t hs = C / nh;
+    const float scale = 1.0f / sqrtf((float)hs);
+    int64_t work = 0;
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < nh; h++) {
+            const int64_t at = ((b * nh + h) * max_len + pos[b]) * hs;
+            for (int64_t d = 0; d < hs; d++) {
+                kc[at + d] = qkv[b * 3 * C + C + h * hs + d];
+                vc[at + d] = qkv[b * 3 * C + 2 * C + h * hs + d];
+            }
+        }
+        work += (pos[b] + 1) * C;
+    }
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && work >= (1 << 15))
+    for (int64_t i = 0; i < B * nh; i++) {
+        const int64_t b = i / nh, h = i % nh, L = pos[b] + 1;
+        const float *q = qkv + b * 3 * C + h * hs;
+        const float *K = kc + i * max_len * hs, *V = vc + i * max_len * hs;
+        float *s = scores + i * max_len, *out = y + b * C + h * hs;
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t t = 0; t < L; t++) {
+            s[t] = dot(q, K + t * hs, hs) * scale;
+            mx = s[t] > mx ? s[t] : mx;
+        }
+        for (int64_t t = 0; t < L; t++) sum += (s[t] = expf(s[t] - mx));
+        const float inv = 1.0f / sum;
+        for (int64_t d = 0; d < hs; d++) out[d] = 0.0f;
+        for (int64_t t = 0; t < L; t++) {
+            const float pt = s[t] * inv;
+            const float *vt = V + t * hs;
+            for (int64_t d = 0; d < hs; d++) out[d] += pt * vt[d];
+        }
+    }
+}
+
+int raygpt_decode_blocks(float *x, int64_t B, int64_t C, int64_t nh, int64_t n_layer, const int64_t *pos,
+                         int64_t max_len, float *const *kc, float *const *vc, const void *const *p, int wdtype,
+                         int gelu, float eps, float *scratch, int nthreads) {
+    if (B < 1 || C < 1 || nh < 1 || C % nh || n_layer < 0 || max_len < 1 || (wdtype != 0 && wdtype != 1) ||
+        gelu < 1 || gelu > 2)
+        return -1;
+    for (int64_t b = 0; b < B; b++)
+        if (pos[b] < 0 || pos[b] >= max_len) return -1;
+    if (nthreads < 1) nthreads = 1;
+    float *h = scratch, *qkv = h + B * C, *y = qkv + 3 * B * C, *t = y + B * C, *f = t + B * C;
+    float *scores = f + 4 * B * C;
+    for (int64_t l = 0; l < n_layer; l++) {
+        const void *const *w = p + 12 * l;
+        int rc;
+        layer_norm(x, w[0], w[1], h, B, C, eps);
+        rc = raygpt_linear(h, w[2], w[3], qkv, B, 3 * C, C, wdtype, 0, mm_threads(B, 3 * C, C, nthreads));
+        if (rc) return rc;
+        attend(qkv, kc[l], vc[l], pos, y, scores, B, C, nh, max_len, nthreads);
+        rc = raygpt_linear(y, w[4], w[5], t, B, C, C, wdtype, 0, mm_threads(B, C, C, nthreads));
+        if (rc) return rc;
+        for (int64_t i = 0; i < B * C; i++) x[i] += t[i];
+        layer_norm(x, w[6], w[7], h, B, C, eps);
+        rc = raygpt_linear(h, w[8], w[9], f, B, 4 * C, C, wdtype, gelu, mm_threads(B, 4 * C, C, nthreads));
+        if (rc) return rc;
+        rc = raygpt_linear(f, w[10], w[11], t, B, C, 4 * C, wdtype, 0, mm_threads(B, C, 4 * C, nthreads));
+        if (rc) return rc;
+        for (int64_t i = 0; i < B * C; i++) x[i] += t[i];
+    }
+    return 0;
+}

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MAX_ROWS", "available", "why_unavailable", "bind", "linear", "cache_dir"]
+__all__ = ["MAX_ROWS", "available", "why_unavailable", "bind", "bind_blocks", "linear", "cache_dir"]
 
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
@@ -51,6 +51,7 @@ _PARALLEL_MIN = 1 << 17
 
 _lock = threading.Lock()
 _fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]  # ctypes' private base class
+_blocks_fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
 _why: str | None = None  # None: not tried yet; "": loaded
 
 
@@ -117,7 +118,7 @@ def _compile(compiler: str, out: Path) -> Path:
 
 def _load() -> str:
     """Build and load the kernel; return "" or why it is unavailable."""
-    global _fn
+    global _fn, _blocks_fn
     if os.environ.get("RAYGPT_GEMV", "1") == "0":
         return "disabled by RAYGPT_GEMV=0"
     problem = _cpu_problem()
@@ -130,7 +131,12 @@ def _load() -> str:
     fn = lib.raygpt_linear
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
     fn.restype = ctypes.c_int
-    _fn = fn
+    fb = lib.raygpt_decode_blocks
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fb.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_float, ptr,
+                   ctypes.c_int]
+    fb.restype = ctypes.c_int
+    _fn, _blocks_fn = fn, fb
     return ""
 
 
@@ -184,6 +190,88 @@ def bind(w: torch.Tensor, b: torch.Tensor | None = None) -> Callable[[torch.Tens
         return y
 
     call.weight, call.bias = w, b  # type: ignore[attr-defined]  # keeps the buffers alive
+    return call
+
+
+# one block's tensors, in gemv.c's order: ln_1 w, b; c_attn w, b; attn c_proj w, b; ln_2 w, b; c_fc w, b; mlp c_proj w, b
+Block = tuple[torch.Tensor | None, ...]
+
+
+def bind_blocks(blocks: list[Block], n_head: int, eps: float, gelu: int
+                ) -> Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]], None]:
+    """A decode step's transformer blocks (GPT-2: pre-LayerNorm attention and MLP) as one C call.
+
+    Returns f(x, pos, k, v): x (B, C) fp32 residual stream, updated in place; pos (B,) int64, where each
+    row writes its new key/value (its length so far); k, v: per layer (B, n_head, max_len, head size)
+    fp32 caches. Matmul weights all fp32 or all bf16; LayerNorm weights and biases fp32 (or None).
+    Checked once here; per call only the shapes of x, pos and the caches."""
+    fn = _blocks_fn
+    if fn is None:
+        raise RuntimeError(f"the gemv kernel is unavailable: {why_unavailable() or 'call available() first'}")
+    if not blocks:
+        raise ValueError("bind_blocks: needs at least one block")
+    C = blocks[0][0].shape[0] if blocks[0][0] is not None else blocks[0][2].shape[1]  # type: ignore[union-attr]
+    wdt = blocks[0][2].dtype  # type: ignore[union-attr]
+    shapes = [(C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (4 * C, C), (4 * C,), (C, 4 * C), (C,)]
+    ptrs: list[int | None] = []
+    for li, blk in enumerate(blocks):
+        if len(blk) != 12:
+            raise ValueError(f"bind_blocks: block {li} has {len(blk)} tensors, expected 12 (see gemv.c)")
+        for j, (t, shape) in enumerate(zip(blk, shapes)):
+            matmul = j in (2, 4, 8, 10)
+            want = wdt if matmul else torch.float32
+            if t is None and not matmul:
+                ptrs.append(None)
+                continue
+            if (t is None or tuple(t.shape) != shape or t.dtype != want or not t.is_contiguous()
+                    or t.device.type != "cpu" or want not in (torch.float32, torch.bfloat16)):
+                got = None if t is None else (tuple(t.shape), t.dtype)
+                raise ValueError(f"bind_blocks: block {li} tensor {j} must be {shape} {want}, contiguous on the "
+                                 f"CPU; got {got}")
+            ptrs.append(t.data_ptr())
+    if C % n_head:
+        raise ValueError(f"bind_blocks: n_embd {C} is not divisible by n_head {n_head}")
+    n_layer, hs, wd = len(blocks), C // n_head, 0 if wdt == torch.float32 else 1
+    params = (ctypes.c_void_p * len(ptrs))(*ptrs)
+    keep = [t for blk in blocks for t in blk if t is not None]
+    threads, empty, f32, i64 = torch.get_num_threads, torch.empty, torch.float32, torch.int64
+    lock = threading.Lock()
+    scratch = [torch.empty(0)]
+    ptr_array = ctypes.c_void_p * n_layer
+
+    def call(x: torch.Tensor, pos: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        B = x.shape[0]
+        k0 = k[0]
+        max_len = k0.shape[2]
+        if (x.shape != (B, C) or x.dtype != f32 or not x.is_contiguous() or pos.shape != (B,) or pos.dtype != i64
+                or not pos.is_contiguous() or len(k) != n_layer or len(v) != n_layer
+                or any(t.shape != (B, n_head, max_len, hs) or t.dtype != f32 or not t.is_contiguous() for t in k)
+                or any(t.shape != k0.shape or t.dtype != f32 or not t.is_contiguous() for t in v)):
+            raise ValueError(f"decode blocks: needs x ({B}, {C}) fp32, pos ({B},) int64 and {n_layer} key and value "
+                             f"caches ({B}, {n_head}, max_len, {hs}) fp32, all contiguous; got x "
+                             f"{tuple(x.shape)} {x.dtype}, pos {tuple(pos.shape)} {pos.dtype}, "
+                             f"k[0] {tuple(k0.shape)} {k0.dtype}")
+        need = B * (10 * C + n_head * max_len)
+        mine = lock.acquire(blocking=False)  # concurrent callers (rare) get a scratch buffer of their own
+        try:
+            s = scratch[0] if mine else empty(0)
+            if s.numel() < need:
+                s = empty(need, dtype=f32)
+                if mine:
+                    scratch[0] = s
+            rc = fn(x.data_ptr(), B, C, n_head, n_layer, pos.data_ptr(), max_len,
+                    ptr_array(*[t.data_ptr() for t in k]), ptr_array(*[t.data_ptr() for t in v]), params, wd, gelu,
+                    eps, s.data_ptr(), threads())
+        finally:
+            if mine:
+                lock.release()
+        if rc:
+            if rc == -2:
+                raise MemoryError("decode blocks: out of memory")
+            raise ValueError(f"decode blocks: a position is outside the cache (pos {pos.tolist()}, max_len "
+                             f"{max_len}) or gelu {gelu!r} is not 1 (tanh) or 2 (exact)")
+
+    call.keep = keep  # type: ignore[attr-defined]  # keeps the weights alive
     return call
 
 

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from gptcore import gemv
 from gptcore.config import GPTConfig
 from gptcore.engine import Engine, EngineError
-from gptcore.engine_forward import PackedLinear
+from gptcore.engine_forward import Forward, PackedLinear
 from gptcore.model import GPT
 from gptcore.sampling import SamplingParams
 
@@ -185,3 +185,92 @@ def test_unwritable_cache_falls_back_to_a_private_temp_folder(tmp_path):
     private.chmod(0o777)
     out = _py(code, RAYGPT_KERNEL_CACHE=str(blocker / "kernels"), TMPDIR=str(tmp))
     assert out.stdout.startswith("False") and "is not a private folder of this user" in out.stdout, out.stdout
+
+
+def _step_both_ways(fwd, cache_a, cache_b, tok, advance=None):
+    """One decode step through the fused C blocks (cache_a) and the op-by-op path (cache_b)."""
+    fwd.fuse_decode = True
+    a = fwd(tok, cache_a, advance=advance)
+    fwd.fuse_decode = False
+    try:
+        b = fwd(tok, cache_b, advance=advance)
+    finally:
+        fwd.fuse_decode = True
+    return a, b
+
+
+@needs_kernel
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias,activation", [(True, "gelu_tanh"), (False, "gelu")])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_decode_blocks_equal_the_op_by_op_step(wdtype, bias, activation, threads):
+    """Forward's one-token step with kernel gemv runs every block in one C call (LayerNorms, KV writes,
+    attention, residuals between the gemv matmuls). Against the op-by-op path on the same weights:
+    ragged rows (each at its own length, writing at its own position), several steps, both GELUs,
+    with and without biases, fp32 and bf16 weights, one and two threads: same logits and same caches
+    up to summation order."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=3, n_head=4, n_embd=96, vocab_size=211, block_size=48, bias=bias, activation=activation)
+    fwd = Forward(GPT(cfg).eval(), torch.device("cpu"), wdtype, "gemv")
+    assert fwd.kernel == "gemv" and fwd.blocks is not None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            ca, cb = fwd.new_cache(3, 40), fwd.new_cache(3, 40)
+            prompts = torch.randint(0, 211, (3, 9))
+            lens = torch.tensor([9, 4, 1])
+            for c in (ca, cb):  # ragged prefill (not fused), then rows of lengths 9, 4, 1
+                fwd(prompts, c, advance=lens)
+            tok = torch.randint(0, 211, (3, 1))
+            for _ in range(6):
+                a, b = _step_both_ways(fwd, ca, cb, tok)
+                torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+                tok = a.argmax(-1, keepdim=True)
+            assert ca.lengths.tolist() == cb.lengths.tolist() == [15, 10, 7]
+            for la in range(cfg.n_layer):
+                torch.testing.assert_close(ca.k[la], cb.k[la], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(ca.v[la], cb.v[la], atol=1e-4, rtol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_fused_decode_long_rows_take_the_parallel_attention_and_stop_at_the_cache_end():
+    """Enough rows x positions for the attention's parallel loop; a step past the cache's end raises
+    (the length is checked before any key is written) and leaves the cache as it was."""
+    torch.manual_seed(1)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=100, block_size=512)
+    fwd = Forward(GPT(cfg).eval(), torch.device("cpu"), torch.float32, "gemv")
+    with torch.inference_mode():
+        ca, cb = fwd.new_cache(8, 301), fwd.new_cache(8, 301)
+        prompts = torch.randint(0, 100, (8, 300))
+        for c in (ca, cb):
+            fwd(prompts, c)
+        tok = torch.randint(0, 100, (8, 1))
+        a, b = _step_both_ways(fwd, ca, cb, tok)
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+        k_before = ca.k[0].clone()
+        with pytest.raises(ValueError, match="exceeds the cache length 301"):
+            fwd(tok, ca)
+        assert torch.equal(ca.k[0], k_before) and ca.lengths.tolist() == [301] * 8
+
+
+@needs_kernel
+def test_bind_blocks_names_what_is_wrong():
+    C = 16
+    good = (torch.ones(C), None, torch.zeros(3 * C, C), None, torch.zeros(C, C), None, torch.ones(C), None,
+            torch.zeros(4 * C, C), None, torch.zeros(C, 4 * C), None)
+    with pytest.raises(ValueError, match=r"block 0 tensor 2 must be \(48, 16\) torch.float32"):
+        gemv.bind_blocks([good[:2] + (torch.zeros(3 * C, C + 1),) + good[3:]], 2, 1e-5, 1)
+    with pytest.raises(ValueError, match="block 1 has 11 tensors, expected 12"):
+        gemv.bind_blocks([good, good[:11]], 2, 1e-5, 1)
+    f = gemv.bind_blocks([good], 2, 1e-5, 1)
+    x, pos = torch.zeros(1, C), torch.zeros(1, dtype=torch.int64)
+    k = [torch.zeros(1, 2, 4, 8)]
+    with pytest.raises(ValueError, match=r"caches \(1, 2, max_len, 8\) fp32"):
+        f(x, pos, [torch.zeros(1, 2, 4, 8, dtype=torch.float64)], k)
+    with pytest.raises(ValueError, match=r"position is outside the cache \(pos \[4\], max_len 4\)"):
+        f(x, torch.tensor([4]), k, [torch.zeros(1, 2, 4, 8)])
+    f(x, pos, k, [torch.zeros(1, 2, 4, 8)])  # LayerNorm of zeros with weight 1: x stays 0
+    assert torch.equal(x, torch.zeros(1, C))
