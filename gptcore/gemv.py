@@ -4,6 +4,7 @@
     if gemv.available():                        # x86-64 with AVX2 + FMA, a C compiler, RAYGPT_GEMV != "0"
         y = gemv.linear(x, w, b, gelu=1)        # x (M, K) fp32, w (N, K) fp32 or bf16, b (N,) fp32 | None
         f = gemv.bind(w, b); y = f(x, 1)        # the same, checked once: what the engine calls per step
+        step = gemv.bind_blocks(blocks, n_head, eps, gelu); step(x, pos, k, v)  # all blocks of a decode step
     gemv.why_unavailable()                      # "" or the reason (no compiler, CPU without AVX2, ...)
 
 Why a hand-written kernel: a decode step multiplies a few rows by every weight once, so it runs at
