@@ -336,7 +336,7 @@ class Forward:
         (decode queries against each row's cache, prompts causally among themselves). Same maths,
         same masks and kernels as two `__call__`s; outputs agree up to matmul rounding."""
         if self.model is not None:
-            raise RuntimeError("mixed() needs the engine's own forward (kernel 'onednn' or 'torch')")
+            raise RuntimeError("mixed() needs the engine's own forward (kernel 'gemv', 'onednn' or 'torch', not 'model')")
         cfg = self.config
         C, nh = cfg.n_embd, cfg.n_head
         hs = C // nh
