@@ -84,8 +84,8 @@ class PackedLinear:
 
     BIG = 1 << 20
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool, approximate: str = "tanh",
-                 gemv: bool = False):
+    def __init__(self, weight: torch.Tensor | _gemv.TiledBF16, bias: torch.Tensor | None, packed: bool,
+                 approximate: str = "tanh", gemv: bool = False):
         self.b = bias
         self.approximate = approximate  # of the fused GELU: "tanh" (GPT-2) or "none" (exact)
         self.gemv = gemv
@@ -97,8 +97,8 @@ class PackedLinear:
         # the batch-size hint only picks the packed layout; any number of rows works afterwards
         packed = packed and not gemv
         self.packed: torch.Tensor | None = torch.ops.mkldnn._reorder_linear_weight(weight, 16) if packed else None
-        # big weights: packed copy only
-        self.w: torch.Tensor | None = weight if (self.packed is None or self.small) else None
+        # big weights: packed copy only (gemv: the weight as bound, bf16 possibly in the kernel's tiled layout)
+        self.w: torch.Tensor | _gemv.TiledBF16 | None = weight if (self.packed is None or self.small) else None
 
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:  # x: (N, in)
         w = self.w
@@ -107,7 +107,9 @@ class PackedLinear:
             assert w is not None
             if x.shape[0] <= _GEMV_MAX_ROWS:
                 return kern(x, self.gelu_code if gelu else 0)
-            y = torch._C._nn.linear(x.to(w.dtype), w, self.b_w)
+            # prefill: torch's GEMM needs the plain layout (a copy of a tiled weight: small next to the GEMM)
+            plain = w.untile() if isinstance(w, _gemv.TiledBF16) else w
+            y = torch._C._nn.linear(x.to(w.dtype), plain, self.b_w)
             y = torch._C._nn.gelu(y, approximate=self.approximate) if gelu else y
             return y.float()
         if self.packed is not None and (w is None or x.shape[0] * w.numel() >= self.BIG):
@@ -115,6 +117,7 @@ class PackedLinear:
                 return _LINEAR_POINTWISE(x, self.packed, self.b, "gelu", [], self.approximate)
             return _LINEAR_POINTWISE(x, self.packed, self.b, "none", [], "")
         assert w is not None  # without a packed copy the plain weight is kept
+        assert isinstance(w, torch.Tensor)  # tiled weights only with the gemv kernel
         y = torch._C._nn.linear(x, w, self.b)
         return torch._C._nn.gelu(y, approximate=self.approximate) if gelu else y
 
@@ -127,7 +130,7 @@ class Forward:
     against); "auto" picks the first available of gemv, onednn, torch."""
 
     # the engine's own weights (kernels "onednn" and "torch"; absent with kernel "model")
-    wte: torch.Tensor  # (V, C)
+    wte: torch.Tensor | _gemv.TiledBF16  # (V, C); tiled: the gemv kernel's bf16 head, shared (tied)
     wpe: torch.Tensor  # (block_size, C)
     layers: list[_Layer]
     ln_f: tuple[torch.Tensor, torch.Tensor | None]
@@ -197,7 +200,9 @@ class Forward:
             return None if x is None else t(x)
 
         def lin(m: torch.nn.Linear, approximate: str = "tanh") -> PackedLinear:
-            return PackedLinear(t(m.weight, dtype), opt(m.bias), packed, approximate, gemv=gemv)
+            w = t(m.weight, dtype)
+            # gemv streams bf16 weights faster in its tiled layout (gptcore.gemv.TiledBF16); fp32 stays plain
+            return PackedLinear(_gemv.tile(w) if gemv else w, opt(m.bias), packed, approximate, gemv=gemv)
 
         tr = model.transformer
         self.wpe = t(tr.wpe.weight)
@@ -216,9 +221,14 @@ class Forward:
              for w1, b1, a, p, w2, b2, f, f2 in self.layers],
             self.config.n_head, self.config.layer_norm_epsilon, self.layers[0][6].gelu_code) if gemv else None
         # the token embedding: with tied weights and bf16 matmul weights, embed from the head's bf16
-        # copy (one copy of the biggest matrix) and widen the looked-up rows
+        # copy (one copy of the biggest matrix, possibly tiled: see embed) and widen the looked-up rows
         tied = model.lm_head.weight is tr.wte.weight
         self.wte = self.lm_head.w if (tied and self.lm_head.w is not None) else t(tr.wte.weight)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of idx (any shape) -> (*idx.shape, C), in the weight's dtype."""
+        wte = self.wte
+        return wte.rows(idx) if isinstance(wte, _gemv.TiledBF16) else F.embedding(idx, wte)
 
     def _probe(self, model: GPT) -> bool:
         """Check the packed kernel against nn.Linear once (exotic CPUs/builds fall back to torch)."""
@@ -228,7 +238,8 @@ class Forward:
             if fc.gemv:  # the kernel against torch on the same (possibly bf16) weight, widened
                 assert fc.w is not None
                 x = torch.randn(3, lin.in_features, dtype=torch.float32, device=self.device)
-                ref = F.gelu(F.linear(x, fc.w.float(), fc.b), approximate=self.config.gelu_approximate)
+                plain = fc.w.untile() if isinstance(fc.w, _gemv.TiledBF16) else fc.w
+                ref = F.gelu(F.linear(x, plain.float(), fc.b), approximate=self.config.gelu_approximate)
                 got = _gemv.linear(x, fc.w, fc.b, fc.gelu_code)
                 return bool(torch.allclose(got, ref, atol=1e-4, rtol=1e-4))
             x = torch.randn(3, lin.in_features, dtype=self.dtype, device=self.device)
@@ -273,7 +284,7 @@ class Forward:
         adt = self.cache_dtype
         if T == 1 and self.blocks is not None and self.fuse_decode and B <= _GEMV_MAX_ROWS:
             # the hot path with the gemv kernel: every block of the step in one C call
-            x = F.embedding(idx[:, 0], self.wte) + F.embedding(start.clamp(max=cfg.block_size - 1), self.wpe)  # (B, C)
+            x = self.embed(idx[:, 0]) + F.embedding(start.clamp(max=cfg.block_size - 1), self.wpe)  # (B, C)
             self.blocks(x, start.contiguous(), cache.k, cache.v)
             cache.lengths = cache.lengths + (advance if advance is not None else 1)
             x = torch.layer_norm(x, (C,), self.ln_f[0], self.ln_f[1], cfg.layer_norm_epsilon)
@@ -285,7 +296,7 @@ class Forward:
             visible = keys[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, T_used) causal + row length
             # one additive mask for all layers (SDPA would convert a bool mask in every layer)
             attn_mask = torch.zeros(visible.shape, dtype=adt, device=idx.device).masked_fill_(~visible, float("-inf"))
-        x = F.embedding(idx, self.wte) + F.embedding(pos.clamp(max=cfg.block_size - 1), self.wpe)  # (B, T, C)
+        x = self.embed(idx) + F.embedding(pos.clamp(max=cfg.block_size - 1), self.wpe)  # (B, T, C)
         x = x.view(B * T, C)
         if lo != hi:
             scatter_idx = pos[:, None, :, None].expand(B, nh, T, hs)  # (B, nh, T, hs)
@@ -362,7 +373,7 @@ class Forward:
         pre_mask = pre_mask.expand(B, 1, T, T)
         tok = torch.cat([last, idx.reshape(B * T)])  # (N,) N = n + B*T: decode tokens, then prompts
         pos = torch.cat([start, ar.repeat(B)]).clamp_(max=cfg.block_size - 1)
-        x = F.embedding(tok, self.wte) + F.embedding(pos, self.wpe)  # (N, C)
+        x = self.embed(tok) + F.embedding(pos, self.wpe)  # (N, C)
         eps = cfg.layer_norm_epsilon
         upcast = adt != self.act_dtype
         layer_norm, sdpa = torch.layer_norm, F.scaled_dot_product_attention

@@ -10,7 +10,11 @@
    in L1/L2 while it multiplies them by every x row (so 16 rows cost ~2.5x one row, not 16x).
 
    W is fp32 or bf16 (bf16 -> fp32 is a 16-bit shift: half the bytes to stream); x, b and y are
-   fp32; sums are fp32. (Widening a bf16 block once into an L1 buffer for many x rows was measured
+   fp32; sums are fp32. bf16 weights may also come tiled (wdtype 2, gptcore/gemv.py's TiledBF16): in
+   each block of 8 rows, the 8 rows' values of every 16 columns lie side by side (256 bytes), so a
+   block is one sequential read instead of 8 interleaved row streams of K x 2 bytes. (Measured on AMD
+   Zen 3: bf16 rows of 1,536 bytes streamed 11-18% slower than the same bytes read in sequence; fp32
+   rows, twice as long, gained nothing from tiling, so they stay plain.) (Widening a bf16 block once into an L1 buffer for many x rows was measured
    slower than widening each weight as it streams by, at 4 and 16 rows: not done.)
    gelu: 0 none, 1 tanh approximation (GPT-2), 2 exact (erf). Returns 0; -1 bad arguments; -2 no memory. */
 #include <immintrin.h>
@@ -98,9 +102,10 @@ BLOCK(block_bf16, uint16_t, load_bf16, scalar_bf16) /* only its _tail is used: b
 /* bf16 weights, 16 at a time: one 256-bit load holds 8 pairs; the even element of each pair becomes
    fp32 by a left shift, the odd one by masking off the low half (2 cheap ops per 16 weights instead of
    a widening convert per 8). xp is x with each 16-block reordered as its 8 even then 8 odd elements,
-   so the products line up. */
-static void block_bf16x(const float *x, const float *xp, const uint16_t *W, const float *b, float *y, int64_t M,
-                        int64_t N, int64_t K, int64_t n0, int gelu) {
+   so the products line up. tiled: W is in the tiled layout (K a multiple of 16), where row r's 16 values
+   at column k of the block starting at w lie at w + k * ROWS + r * 16. */
+static inline __attribute__((always_inline)) void block_bf16x(const float *x, const float *xp, const uint16_t *W,
+        const float *b, float *y, int64_t M, int64_t N, int64_t K, int64_t n0, int gelu, const int tiled) {
     const int64_t K16 = K & ~(int64_t)15;
     const uint16_t *w = W + n0 * K;
     const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
@@ -112,7 +117,7 @@ static void block_bf16x(const float *x, const float *xp, const uint16_t *W, cons
             if (m == 0) PREFETCH_NEXT((const char *)(w + ROWS * K) + k * ROWS * sizeof(uint16_t));
             const __m256 xe = _mm256_loadu_ps(xpm + k), xo = _mm256_loadu_ps(xpm + k + 8);
             for (int r = 0; r < ROWS; r++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * K + k));
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(tiled ? w + k * ROWS + r * 16 : w + r * K + k));
                 acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, acc[r]);
                 acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)), xo, acc[r]);
             }
@@ -125,15 +130,17 @@ static void block_bf16x(const float *x, const float *xp, const uint16_t *W, cons
     }
 }
 
-/* wdtype: 0 fp32 weights, 1 bf16 weights. x (M, K), y (M, N) contiguous; b may be NULL. Thread-safe:
-   concurrent calls share nothing but their read-only inputs. */
+/* wdtype: 0 fp32 weights, 1 bf16 weights, 2 bf16 weights tiled (K a multiple of 16; the rows past the last
+   whole block of 8 in the plain layout after the tiled ones). x (M, K), y (M, N) contiguous; b may be NULL.
+   Thread-safe: concurrent calls share nothing but their read-only inputs. */
 int raygpt_linear(const float *x, const void *W, const float *b, float *y, int64_t M, int64_t N, int64_t K,
                   int wdtype, int gelu, int nthreads) {
-    if (M < 0 || N < 0 || K < 0 || (wdtype != 0 && wdtype != 1) || gelu < 0 || gelu > 2) return -1;
+    if (M < 0 || N < 0 || K < 0 || wdtype < 0 || wdtype > 2 || (wdtype == 2 && K % 16) || gelu < 0 || gelu > 2)
+        return -1;
     const int64_t blocks = N / ROWS;
     if (nthreads < 1) nthreads = 1;
     float *xp = NULL;
-    if (wdtype == 1 && blocks > 0) {  /* x reordered for block_bf16x: even then odd elements of each 16-block */
+    if (wdtype != 0 && blocks > 0) {  /* x reordered for block_bf16x: even then odd elements of each 16-block */
         xp = (float *)malloc((size_t)(M * K > 0 ? M * K : 1) * sizeof(float));
         if (!xp) return -2;
         const int64_t K16 = K & ~(int64_t)15;
@@ -147,7 +154,8 @@ int raygpt_linear(const float *x, const void *W, const float *b, float *y, int64
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (blocks > 1 && nthreads > 1)
     for (int64_t i = 0; i < blocks; i++) {
         if (wdtype == 0) block_f32(x, (const float *)W, b, y, M, N, K, i * ROWS, gelu);
-        else block_bf16x(x, xp, (const uint16_t *)W, b, y, M, N, K, i * ROWS, gelu);
+        else if (wdtype == 1) block_bf16x(x, xp, (const uint16_t *)W, b, y, M, N, K, i * ROWS, gelu, 0);
+        else block_bf16x(x, xp, (const uint16_t *)W, b, y, M, N, K, i * ROWS, gelu, 1);
     }
     free(xp);
     if (blocks * ROWS < N) {
@@ -170,7 +178,7 @@ int raygpt_linear(const float *x, const void *W, const float *b, float *y, int64
    (B, nh, max_len, hs) contiguous fp32. p: 12 pointers per layer, in this order: ln_1 weight, ln_1 bias,
    c_attn weight (3C, C), c_attn bias, attn c_proj weight (C, C), its bias, ln_2 weight, ln_2 bias,
    c_fc weight (4C, C), its bias, mlp c_proj weight (C, 4C), its bias; biases may be NULL; weights are
-   all fp32 (wdtype 0) or all bf16 (wdtype 1). scratch: at least B * (10 C + nh * max_len) floats.
+   all fp32 (wdtype 0), all bf16 (wdtype 1) or all tiled bf16 (wdtype 2). scratch: at least B * (10 C + nh * max_len) floats.
    Returns 0; -1 bad arguments (a position outside the cache); -2 no memory. */
 
 static int mm_threads(int64_t M, int64_t N, int64_t K, int nthreads) {  /* as gptcore/gemv.py's _PARALLEL_MIN */
@@ -241,7 +249,7 @@ static void attend(const float *qkv, float *kc, float *vc, const int64_t *pos, f
 int raygpt_decode_blocks(float *x, int64_t B, int64_t C, int64_t nh, int64_t n_layer, const int64_t *pos,
                          int64_t max_len, float *const *kc, float *const *vc, const void *const *p, int wdtype,
                          int gelu, float eps, float *scratch, int nthreads) {
-    if (B < 1 || C < 1 || nh < 1 || C % nh || n_layer < 0 || max_len < 1 || (wdtype != 0 && wdtype != 1) ||
+    if (B < 1 || C < 1 || nh < 1 || C % nh || n_layer < 0 || max_len < 1 || wdtype < 0 || wdtype > 2 ||
         gelu < 1 || gelu > 2)
         return -1;
     for (int64_t b = 0; b < B; b++)

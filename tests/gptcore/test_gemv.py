@@ -1,5 +1,5 @@
-"""gptcore.gemv, the decode matmul kernel: equal to torch's linear (+ GELU) for fp32 and bf16 weights,
-odd shapes and both thread counts; the build cache; the switch-off; and the engine's use of it
+"""gptcore.gemv, the decode matmul kernel: equal to torch's linear (+ GELU) for fp32 and bf16 weights
+(plain or in the kernel's tiled layout), odd shapes and both thread counts; the build cache; the switch-off; and the engine's use of it
 (bf16 weights with fp32 activations equal an fp32 model whose matmul weights were rounded to bf16)."""
 
 from __future__ import annotations
@@ -83,13 +83,14 @@ def test_bad_arguments_name_the_shapes_and_dtypes():
 
 
 @needs_kernel
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
-def test_packed_linear_switches_to_torch_above_max_rows(wdtype):
-    """Decode rows go through the kernel, a prefill of more than MAX_ROWS rows through torch's GEMM;
-    both give the fp32 product of the same weights."""
+@pytest.mark.parametrize("wdtype,tiled", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_packed_linear_switches_to_torch_above_max_rows(wdtype, tiled):
+    """Decode rows go through the kernel, a prefill of more than MAX_ROWS rows through torch's GEMM
+    (a tiled bf16 weight untiled for it); both give the fp32 product of the same weights."""
     w = (torch.randn(40, 32) / 6).to(wdtype)
     b = torch.randn(40)
-    lin = PackedLinear(w, b, packed=False, gemv=True)
+    lin = PackedLinear(gemv.tile(w) if tiled else w, b, packed=False, gemv=True)
+    assert isinstance(lin.w, gemv.TiledBF16) == tiled
     for rows in (1, gemv.MAX_ROWS, gemv.MAX_ROWS + 7):
         x = torch.randn(rows, 32)
         got = lin(x, gelu=True)
@@ -99,6 +100,42 @@ def test_packed_linear_switches_to_torch_above_max_rows(wdtype):
         else:  # above MAX_ROWS torch multiplies in bf16 (its inputs rounded to bf16 too)
             tol = 2e-5 if rows <= gemv.MAX_ROWS else 5e-2
             torch.testing.assert_close(got.double(), reference(x, w.float(), b, 1), atol=tol, rtol=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("N,K", [(8, 16), (37, 32), (203, 96), (3000, 768)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tiled_bf16_holds_the_same_weight_and_multiplies_bit_for_bit_alike(N, K, threads):
+    """gemv.tile: the kernel's tiled bf16 layout (rows past the last block of 8 stay plain). untile and
+    rows give back the plain weight and its rows (the engine's prefill GEMM and embedding lookups); the
+    kernel's product is the same sums in the same order as with the plain weight: equal to the bit."""
+    g = torch.Generator().manual_seed(N + K)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(torch.bfloat16)
+    b = torch.randn(N, generator=g)
+    t = gemv.tile(w)
+    assert isinstance(t, gemv.TiledBF16) and t.shape == w.shape and t.dtype == torch.bfloat16
+    assert t.numel() == w.numel() and torch.equal(t.data, w.reshape(-1)) == (K == 16)  # K > 16: another layout
+    assert torch.equal(t.untile(), w)
+    idx = torch.tensor([[0, N - 1, 7], [N // 2, min(8, N - 1), N - 1 - N % 8]])
+    assert torch.equal(t.rows(idx), F.embedding(idx, w))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for M in (1, 5, gemv.MAX_ROWS):
+            x = torch.randn(M, K, generator=g)
+            for gelu in (0, 1):
+                assert torch.equal(gemv.linear(x, t, b, gelu), gemv.linear(x, w, b, gelu))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_tile_keeps_what_it_cannot_tile():
+    """fp32 weights, K not a multiple of 16 and fewer than 8 rows stay plain tensors; TiledBF16 itself
+    names what it needs."""
+    for w in (torch.randn(16, 32), torch.randn(16, 24).bfloat16(), torch.randn(5, 32).bfloat16()):
+        assert gemv.tile(w) is w
+    with pytest.raises(ValueError, match=r"K a multiple of 16; got \(16, 24\) torch.bfloat16"):
+        gemv.TiledBF16(torch.randn(16, 24).bfloat16())
 
 
 def _py(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -157,6 +194,7 @@ def test_bf16_engine_equals_fp32_model_with_bf16_rounded_matmul_weights():
                 mod.weight.copy_(mod.weight.to(torch.bfloat16).float())
     eng = Engine(m, None, dtype=torch.bfloat16, kernel="gemv")
     assert eng.kernel == "gemv" and eng._fwd.lm_head.w.dtype == torch.bfloat16
+    assert isinstance(eng._fwd.lm_head.w, gemv.TiledBF16)  # vocab 300: 37 tiled blocks + 4 plain rows
     assert eng._fwd.wte.data_ptr() == eng._fwd.lm_head.w.data_ptr()  # tied: one bf16 copy
     ref = Engine(rounded, None, kernel="model")
     p = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True, logprobs=True)
@@ -164,6 +202,11 @@ def test_bf16_engine_equals_fp32_model_with_bf16_rounded_matmul_weights():
     for a, b in zip(eng.generate(prompts, p), ref.generate(prompts, p)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].logprobs == pytest.approx(b.outputs[0].logprobs, abs=1e-4)
+    # token 299 is a plain row after the tiled ones; 30 tokens: a prefill above MAX_ROWS, where torch's GEMM
+    # multiplies in bf16 (its inputs rounded too), so the logprobs are only close
+    long = [299, 296] + list(range(100, 128))
+    a, b = eng.generate([long], p)[0].outputs[0], ref.generate([long], p)[0].outputs[0]
+    assert a.token_ids == b.token_ids and a.logprobs == pytest.approx(b.logprobs, abs=2e-3)
 
 
 @needs_kernel
@@ -254,6 +297,42 @@ def test_fused_decode_long_rows_take_the_parallel_attention_and_stop_at_the_cach
         with pytest.raises(ValueError, match="exceeds the cache length 301"):
             fwd(tok, ca)
         assert torch.equal(ca.k[0], k_before) and ca.lengths.tolist() == [301] * 8
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_decode_with_tiled_weights_equals_plain_bf16_bit_for_bit(threads):
+    """The engine binds bf16 blocks tiled; the same blocks bound plain give the same residual stream and
+    caches to the bit (same sums, same order). Mixing tiled and plain matmul weights is refused."""
+    g = torch.Generator().manual_seed(3)
+    C, nh, L, B, T = 64, 4, 2, 3, 12
+    shapes = [(C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (4 * C, C), (4 * C,), (C, 4 * C), (C,)]
+    plain = [tuple((torch.randn(*sh, generator=g) / 8).to(torch.bfloat16 if j in (2, 4, 8, 10) else torch.float32)
+                   for j, sh in enumerate(shapes)) for _ in range(L)]
+    tiled = [tuple(gemv.tile(t) if j in (2, 4, 8, 10) else t for j, t in enumerate(blk)) for blk in plain]
+    fp, ft = gemv.bind_blocks(plain, nh, 1e-5, 1), gemv.bind_blocks(tiled, nh, 1e-5, 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        caches = [([torch.randn(B, nh, T, C // nh, generator=g) for _ in range(L)],
+                   [torch.randn(B, nh, T, C // nh, generator=g) for _ in range(L)]) for _ in range(2)]
+        for cache in caches[1:]:
+            for a, b in zip(cache[0] + cache[1], caches[0][0] + caches[0][1]):
+                a.copy_(b)
+        x0 = torch.randn(B, C, generator=g)
+        xs = [x0.clone(), x0.clone()]
+        pos = torch.tensor([0, 5, T - 1])
+        for _ in range(2):
+            fp(xs[0], pos, *caches[0])
+            ft(xs[1], pos, *caches[1])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(xs[0], xs[1]) and not torch.equal(xs[0], x0)
+    for a, b in zip(caches[0][0] + caches[0][1], caches[1][0] + caches[1][1]):
+        assert torch.equal(a, b)
+    mixed = [plain[0], tiled[1]]
+    with pytest.raises(ValueError, match=r"block 1 tensor 2 must be \(192, 64\) torch.bfloat16 \(a contiguous tensor\)"):
+        gemv.bind_blocks(mixed, nh, 1e-5, 1)
 
 
 @needs_kernel
