@@ -226,7 +226,7 @@ class Forward:
         self.wte = self.lm_head.w if (tied and self.lm_head.w is not None) else t(tr.wte.weight)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token embeddings of idx (any shape) -> (*idx.shape, C), in the weight's dtype."""
+        """Token embeddings of idx (any shape) -> (*idx.shape, C), in the weight's dtype (fp32 when tiled)."""
         wte = self.wte
         return wte.rows(idx) if isinstance(wte, _gemv.TiledBF16) else F.embedding(idx, wte)
 

@@ -276,3 +276,62 @@ int raygpt_decode_blocks(float *x, int64_t B, int64_t C, int64_t nh, int64_t n_l
     }
     return 0;
 }
+
+/* ---- Small helpers around a decode step ----------------------------------------------------------
+
+   Why: after the head has streamed the weights, the step's last few small tensor ops (argmax over the
+   vocabulary, the next token's embedding row) run on cold caches and cost ~0.1-0.5 ms each through ATen
+   (several ops, each possibly waking the thread pool); as one plain loop they cost a few µs. */
+
+/* out[b] = the first index of the maximum of row b of x (B, V), like torch.argmax: a NaN counts as the
+   maximum (the first NaN wins). Returns 0; -1 bad arguments. */
+int raygpt_argmax(const float *x, int64_t B, int64_t V, int64_t *out) {
+    if (B < 0 || V < 1) return -1;
+    for (int64_t b = 0; b < B; b++) {
+        const float *r = x + b * V;
+        __m256 mx = _mm256_set1_ps(-INFINITY);
+        __m256 nan = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= V; i += 8) {
+            const __m256 v = _mm256_loadu_ps(r + i);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            mx = _mm256_max_ps(mx, v);
+        }
+        float m[8], best = -INFINITY;
+        _mm256_storeu_ps(m, mx);
+        for (int j = 0; j < 8; j++) best = m[j] > best ? m[j] : best;
+        int has_nan = _mm256_movemask_ps(nan) != 0;
+        for (; i < V; i++) {
+            if (r[i] != r[i]) has_nan = 1;
+            else if (r[i] > best) best = r[i];
+        }
+        int64_t at = 0;
+        if (has_nan) {
+            while (r[at] == r[at]) at++;
+        } else {
+            while (r[at] != best) at++;  /* best is one of the values: found before V */
+        }
+        out[b] = at;
+    }
+    return 0;
+}
+
+/* Rows idx[0..R) of a tiled bf16 weight (N, K) (wdtype 2's layout; K a multiple of 16), widened to fp32
+   into out (R, K): the token embedding of a tied head. Returns 0; -1 an index outside [0, N). */
+int raygpt_tiled_rows(const uint16_t *W, int64_t N, int64_t K, const int64_t *idx, int64_t R, float *out) {
+    if (N < 0 || K < 0 || K % 16 || R < 0) return -1;
+    const int64_t n8 = N & ~(int64_t)7;
+    for (int64_t i = 0; i < R; i++) {
+        const int64_t n = idx[i];
+        if (n < 0 || n >= N) return -1;
+        float *o = out + i * K;
+        if (n < n8) {
+            const uint16_t *w = W + (n / 8) * 8 * K + (n % 8) * 16;
+            for (int64_t k = 0; k < K; k += 16)
+                for (int j = 0; j < 16; j++) o[k + j] = scalar_bf16(w, k * ROWS + j);
+        } else {
+            for (int64_t k = 0; k < K; k++) o[k] = scalar_bf16(W, n * K + k);
+        }
+    }
+    return 0;
+}

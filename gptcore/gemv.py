@@ -42,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MAX_ROWS", "TiledBF16", "available", "why_unavailable", "bind", "bind_blocks", "linear", "tile",
-           "cache_dir"]
+__all__ = ["MAX_ROWS", "TiledBF16", "argmax", "available", "why_unavailable", "bind", "bind_blocks", "linear",
+           "tile", "cache_dir"]
 
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
@@ -55,6 +55,8 @@ _PARALLEL_MIN = 1 << 17
 _lock = threading.Lock()
 _fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]  # ctypes' private base class
 _blocks_fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
+_argmax_fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
+_rows_fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
 _why: str | None = None  # None: not tried yet; "": loaded
 
 
@@ -121,7 +123,7 @@ def _compile(compiler: str, out: Path) -> Path:
 
 def _load() -> str:
     """Build and load the kernel; return "" or why it is unavailable."""
-    global _fn, _blocks_fn
+    global _fn, _blocks_fn, _argmax_fn, _rows_fn
     if os.environ.get("RAYGPT_GEMV", "1") == "0":
         return "disabled by RAYGPT_GEMV=0"
     problem = _cpu_problem()
@@ -139,7 +141,11 @@ def _load() -> str:
     fb.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int, ctypes.c_float, ptr,
                    ctypes.c_int]
     fb.restype = ctypes.c_int
-    _fn, _blocks_fn = fn, fb
+    fa, fr = lib.raygpt_argmax, lib.raygpt_tiled_rows
+    fa.argtypes = [ptr, i64, i64, ptr]
+    fr.argtypes = [ptr, i64, i64, ptr, i64, ptr]
+    fa.restype = fr.restype = ctypes.c_int
+    _fn, _blocks_fn, _argmax_fn, _rows_fn = fn, fb, fa, fr
     return ""
 
 
@@ -195,12 +201,32 @@ class TiledBF16:
         return head if n8 == N else torch.cat([head, self.data[n8 * K:].view(N - n8, K)])
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rows `idx` (any shape, int64) -> (*idx.shape, K) bf16, like F.embedding(idx, plain weight)."""
+        """Rows `idx` (any shape, int64) -> (*idx.shape, K) fp32: F.embedding(idx, plain weight), widened.
+        One C call when the kernel is loaded (a decode step's embedding: µs instead of ~0.1 ms of ATen ops)."""
         N, K = self.shape
+        fn = _rows_fn
+        if fn is not None and idx.dtype == torch.int64:
+            flat = idx.reshape(-1).contiguous()
+            out = torch.empty(flat.numel(), K)
+            if fn(self.data.data_ptr(), N, K, flat.data_ptr(), flat.numel(), out.data_ptr()):
+                raise IndexError(f"TiledBF16.rows: an index is outside [0, {N}): {flat.tolist()[:16]}")
+            return out.view(*idx.shape, K)
         n = idx.reshape(-1, 1)  # (R, 1)
         tiled = (n // 8) * (8 * K) + (n % 8) * 16 + self._kpart  # (R, K)
         off = torch.where(n < N - N % 8, tiled, n * K + torch.arange(K)) if N % 8 else tiled
-        return self.data.take(off).view(*idx.shape, K)
+        return self.data.take(off).view(*idx.shape, K).float()
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor | None:
+    """Row-wise first index of the maximum of x (B, V) fp32 contiguous on the CPU, as torch.argmax (NaN
+    wins), in one C call; None when the kernel is not loaded (this never builds it) or x does not fit."""
+    fn = _argmax_fn
+    if fn is None or x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    if fn(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr()):
+        return None  # V == 0: let torch raise its own error
+    return out
 
 
 def tile(w: torch.Tensor) -> torch.Tensor | TiledBF16:

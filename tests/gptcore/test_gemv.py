@@ -117,7 +117,13 @@ def test_tiled_bf16_holds_the_same_weight_and_multiplies_bit_for_bit_alike(N, K,
     assert t.numel() == w.numel() and torch.equal(t.data, w.reshape(-1)) == (K == 16)  # K > 16: another layout
     assert torch.equal(t.untile(), w)
     idx = torch.tensor([[0, N - 1, 7], [N // 2, min(8, N - 1), N - 1 - N % 8]])
-    assert torch.equal(t.rows(idx), F.embedding(idx, w))
+    want = F.embedding(idx, w).float()
+    assert torch.equal(t.rows(idx), want)  # one C call
+    with pytest.MonkeyPatch.context() as mp:  # the torch fallback (kernel not loaded) agrees
+        mp.setattr(gemv, "_rows_fn", None)
+        assert torch.equal(t.rows(idx), want)
+    with pytest.raises(IndexError, match=rf"outside \[0, {N}\)"):
+        t.rows(torch.tensor([0, N]))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -127,6 +133,25 @@ def test_tiled_bf16_holds_the_same_weight_and_multiplies_bit_for_bit_alike(N, K,
                 assert torch.equal(gemv.linear(x, t, b, gelu), gemv.linear(x, w, b, gelu))
     finally:
         torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_argmax_equals_torch_including_ties_nan_and_short_rows():
+    """gemv.argmax (what sampling.argmax uses when the kernel is loaded): the first index of the maximum,
+    a NaN counting as the maximum, like torch.argmax; rows shorter than one vector; None where it does not
+    apply (so the caller uses torch)."""
+    g = torch.Generator().manual_seed(0)
+    for V in (1, 7, 8, 13, 4096, 50257):
+        x = torch.randint(-3, 4, (6, V), generator=g).float()  # many ties: the first index must win
+        x[0, -1] = 100.0  # the maximum in the tail columns
+        x[1, :] = float("-inf")
+        x[2, V // 2] = float("nan")
+        x[3, :] = 7.0
+        assert torch.equal(gemv.argmax(x), x.argmax(-1)), V
+        y = torch.randn(3, V, generator=g)
+        assert torch.equal(gemv.argmax(y), y.argmax(-1))
+    assert gemv.argmax(torch.zeros(2, 5, dtype=torch.float64)) is None
+    assert gemv.argmax(torch.zeros(5, 2).t()) is None
 
 
 def test_tile_keeps_what_it_cannot_tile():
