@@ -14,6 +14,8 @@
     .venv/bin/python bench/train.py overhead [--repeats 5] [--compile]
                                                             # fixed overhead of `raygpt train` per phase, medians
     .venv/bin/python bench/train.py cold --nanogpt DIR [--repeats 3] [--fast] [key=value ...]
+    .venv/bin/python bench/train.py fast [--repeats 3] [key=value ...]
+                                                            # the fast recipe (Muon) vs its AdamW form, cold
                                                             # whole cold processes vs nanoGPT's README command
                                                             # (bench/train_startup.py)
     .venv/bin/python bench/train.py stream [--rounds 12 --iters 25] [--synthetic ROWS]
@@ -682,7 +684,7 @@ def bench_stream(rounds: int, turn: int, synthetic: int | None, batch: int = 12,
 
 
 def startup_bench(a, ap) -> None:
-    """`overhead` and `cold` (bench/train_startup.py): whole processes, load average at start and end recorded."""
+    """`overhead`, `cold` and `fast` (bench/train_startup.py): whole processes, load average at start and end recorded."""
     import train_startup
     from common import print_conditions, record
 
@@ -691,6 +693,8 @@ def startup_bench(a, ap) -> None:
     start = print_conditions(f"train-{a.what}", threads={"raygpt worker": 2, "nanogpt": 2})
     if a.what == "overhead":
         out = train_startup.overhead(DATA, a.repeats, a.compile, overrides=a.overrides)
+    elif a.what == "fast":
+        out = train_startup.fast(DATA, a.repeats, a.overrides)
     else:
         nanogpt_data(a.nanogpt)
         out = train_startup.cold(DATA, a.nanogpt.resolve(), a.repeats, a.overrides, a.fast, a.ray_too)
@@ -703,7 +707,7 @@ def startup_bench(a, ap) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", nargs="?", choices=("a", "a-sliced", "full", "b", "b-sliced", "c", "sweep", "stream",
-                                                 "overhead", "cold", "_plain-steps"),
+                                                 "overhead", "cold", "fast", "_plain-steps"),
                     default=None)
     ap.add_argument("--rounds", type=int, default=12, help="(a-sliced) turns each peer gets")
     ap.add_argument("--window", type=float, default=2.0, help="(a-sliced) seconds per turn")
@@ -726,7 +730,7 @@ def main() -> None:
         plain_loop(10 ** 6, eval_interval=0,
                    on_step=lambda it, dt: print(f"iter {it}: time {dt * 1e3:.3f}ms", flush=True))
         return
-    if a.what in ("overhead", "cold"):
+    if a.what in ("overhead", "cold", "fast"):
         startup_bench(a, ap)
         return
     t0 = time.time()

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train.py overhead [--repeats 5] [--compile] [launcher=ray ...]  # phases to step 1
     .venv/bin/python bench/train.py cold --nanogpt DIR [--repeats 3] [--fast] [--ray-too] [key=value ...]
+    .venv/bin/python bench/train.py fast [--repeats 3] [key=value ...]      # the fast recipe vs its AdamW form
 
 `overhead`: `raygpt train` with the nanoGPT recipe (jobs/configs/train-shakespeare-char.yaml, compile off unless
 --compile, 20 steps, no evaluation, only the final checkpoint), N whole processes one after another; per run
@@ -17,6 +18,10 @@ Python) and `raygpt train --config jobs/configs/train-shakespeare-char.yaml` (+ 
 process, RAY_ADDRESS unset) and an empty torch compile cache (a fresh TORCHINDUCTOR_CACHE_DIR). Reported:
 wall from process start to exit (medians and ranges), final val losses, the raygpt/nanoGPT wall ratio
 per repeat, raygpt's phases, and the load average at the start and end (bench/common.py; summary.json).
+`fast`: the fast recipe (jobs/configs/train-shakespeare-char-fast.yaml, Muon) and the same recipe with
+FAST_ADAMW's overrides (what it was before Muon: AdamW, 560 steps), alternating whole cold processes;
+reported: the time from process start to the first evaluation with val loss <= 1.88 (the goal: <= 45 s),
+the wall to exit and the final val loss of each.
 Does not: write BENCHMARKS.md, or assert goals.
 """
 
@@ -136,6 +141,35 @@ def nanogpt_process(root: Path, name: str) -> dict:
         raise RuntimeError(f"nanoGPT train.py failed (exit {r['rc']}): see {out / 'log.txt'}")
     vals = re.findall(r"^step (\d+): train loss [0-9.]+, val loss ([0-9.]+)", text, re.M)
     return {**r, "val_loss": float(vals[-1][1]) if vals else None}
+
+
+# the fast recipe as it was before optim.name=muon (sessions 8-15): AdamW only, 560 steps, evaluation every 70
+FAST_ADAMW = ["optim.name=adamw", "optim.lr=5e-3", "optim.min_lr=5e-4", "max_steps=560", "optim.decay_steps=560",
+              "eval_interval=70", "model.activation=gelu_tanh"]
+
+
+def fast(data: Path, repeats: int, overrides: list[str]) -> dict:
+    """The fast recipe (+ overrides) and its AdamW form, alternating whole cold processes."""
+    runs: dict[str, list[dict]] = {"muon": [], "adamw": []}
+    for i in range(repeats):
+        for who in (["muon", "adamw"] if i % 2 == 0 else ["adamw", "muon"]):
+            over = overrides if who == "muon" else [*overrides, *FAST_ADAMW]
+            r = raygpt_process(f"fast-{who}-{i}", FAST, data, over)
+            runs[who].append(r)
+            print(json.dumps({"repeat": i, "who": who, "wall_s": round(r["wall_s"], 1), "val_loss": r["val_loss"],
+                              "to_first_step": r["phases"].get("to_first_step"),
+                              "time_to_1.88_s": r.get("time_to_1.88_s"), "load": os.getloadavg()[0]}), flush=True)
+    out: dict = {who: {"time_to_1.88_s": _stats([r["time_to_1.88_s"] for r in rs]),
+                       "reached_1.88": f"{sum(r['time_to_1.88_s'] is not None for r in rs)}/{len(rs)}",
+                       "wall_s": _stats([r["wall_s"] for r in rs]), "val_loss": [r["val_loss"] for r in rs],
+                       "tokens_per_s": _stats([r["tokens_per_s"] for r in rs]),
+                       "phase_seconds_median": _phase_medians(rs, "phases")} for who, rs in runs.items()}
+    out["adamw_vs_muon_time_to_1.88"] = _stats([b["time_to_1.88_s"] / a["time_to_1.88_s"]
+                                                for a, b in zip(runs["muon"], runs["adamw"])
+                                                if a["time_to_1.88_s"] and b["time_to_1.88_s"]])
+    out["goal"] = {"fast recipe": "val <= 1.88 in <= 45 s cold"}
+    out["overrides"], out["adamw_overrides"], out["runs"] = overrides, FAST_ADAMW, runs
+    return out
 
 
 def _stats(xs: list[float]) -> dict:

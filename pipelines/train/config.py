@@ -63,6 +63,12 @@ class OptimSection:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     fused: bool = True  # torch AdamW's fused kernel (CPU and GPU); ignored with offload_optimizer
+    # "muon": Muon for the blocks' weight matrices, AdamW (the settings above) for embeddings, biases, norms
+    # (pipelines/train/muon.py); needs zero_stage=0 and fp32 master weights in the optimizer
+    name: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.02  # Muon's peak LR (follows the same warmup + cosine, scaled by muon_lr / lr)
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per matrix per step
 
 
 @dataclass
@@ -178,6 +184,14 @@ class TrainConfig:
                      f"zero_stage={self.zero_stage}")
         if self.offload_params and self.zero_stage != 3:
             e.append(f"offload_params needs zero_stage=3, got zero_stage={self.zero_stage}")
+        if self.optim.name == "muon" and self.zero_stage != 0:
+            e.append(f"optim.name=muon needs zero_stage=0, got zero_stage={self.zero_stage}: ZeRO hands the "
+                     f"optimizer flat partitions and Muon orthogonalizes whole weight matrices; set zero_stage=0 "
+                     f"or optim.name=adamw")
+        if self.optim.name == "muon" and self.use_gpu and self.precision in ("bf16", "fp16", "auto"):
+            e.append(f"optim.name=muon with use_gpu=true needs precision=fp32, got precision={self.precision}: "
+                     f"DeepSpeed's bf16 / fp16 optimizers flatten the weights Muon orthogonalizes; set "
+                     f"precision=fp32 or optim.name=adamw")
         if self.precision == "fp16" and not self.use_gpu:
             e.append("precision=fp16 needs use_gpu=true (fp16 with loss scaling is a GPU path); on CPU use "
                      "precision=bf16 (autocast) or fp32")
@@ -268,6 +282,14 @@ def _optim_problems(o: OptimSection) -> list[str]:
         e.append(f"optim.eps must be > 0, got {o.eps}")
     if o.grad_clip < 0:
         e.append(f"optim.grad_clip must be >= 0 (0 disables clipping), got {o.grad_clip}")
+    if o.name not in ("adamw", "muon"):
+        e.append(f"optim.name must be 'adamw' or 'muon', got {o.name!r}")
+    if not o.muon_lr > 0:
+        e.append(f"optim.muon_lr must be > 0, got {o.muon_lr}")
+    if not 0 <= o.muon_momentum < 1:
+        e.append(f"optim.muon_momentum must be in [0, 1), got {o.muon_momentum}")
+    if not 1 <= o.muon_ns_steps <= 20:
+        e.append(f"optim.muon_ns_steps must be in [1, 20] (5 is Muon's default), got {o.muon_ns_steps}")
     return e
 
 

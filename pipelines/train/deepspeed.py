@@ -10,7 +10,8 @@ with ninja + g++ on first use (about 90 s, cached in ~/.cache/torch_extensions).
 on GPU are DeepSpeed's own modes (bf16 / fp16 sections); bf16 on CPU is torch.autocast around the
 forward with fp32 weights, so the DS config stays fp32. Gradient clipping: ZeRO >= 1 and fp16 clip
 inside DeepSpeed (and report the global norm); ZeRO 0 in fp32/bf16 clips in the loop with torch, which
-also yields the norm DeepSpeed does not compute there. The LR schedule is set by the loop on the
+also yields the norm DeepSpeed does not compute there. `optim.name: muon` swaps the client optimizer for
+pipelines/train/muon.py's MuonAdamW (ZeRO 0 only). The LR schedule is set by the loop on the
 optimizer's param groups each step (no DS scheduler: the step alone determines the LR, so resuming
 needs no scheduler state). Does not: call ray.train (loop.py does), or save checkpoints (state.py).
 """
@@ -156,6 +157,13 @@ def build_engine(cfg: TrainConfig, model, world_size: int):
     groups = param_groups(model, cfg.optim.weight_decay)
     if "optimizer" in dsc:
         optimizer = None  # DeepSpeed builds it from the config (offload: CPUAdam)
+    elif cfg.optim.name == "muon":  # zero_stage 0 (TrainConfig checks): DeepSpeed steps it as it is
+        from pipelines.train.muon import MuonAdamW, muon_adamw_groups
+
+        o = cfg.optim
+        groups = muon_adamw_groups(model, weight_decay=o.weight_decay, lr=o.lr, muon_lr=o.muon_lr,
+                                   momentum=o.muon_momentum, ns_steps=o.muon_ns_steps)
+        optimizer = MuonAdamW(groups, betas=(o.beta1, o.beta2), eps=o.eps, fused=o.fused)
     else:
         o = cfg.optim
         kw: dict[str, Any] = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
@@ -187,9 +195,11 @@ def install_collectives(cfg: TrainConfig, world_size: int) -> str | None:
     return "shm" if shm_collectives.install(timeout_s=cfg.shm_collectives_timeout_s) else "gloo"
 
 
-def set_lr(optimizer, lr: float) -> None:
+def set_lr(optimizer, lr: float, cfg: TrainConfig | None = None) -> None:
+    """Every group's LR for this step: `lr` (lr_at), and for Muon's groups lr * optim.muon_lr / optim.lr."""
+    muon_lr = lr * cfg.optim.muon_lr / cfg.optim.lr if cfg is not None else lr
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = muon_lr if g.get("muon") else lr
 
 
 def release_process_group() -> None:

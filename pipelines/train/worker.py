@@ -329,7 +329,7 @@ def train_step(w: WorkerState, step: int) -> int:
 
     cfg, engine = w.cfg, w.engine
     lr = dsmod.lr_at(cfg, step)
-    dsmod.set_lr(w.optimizer, lr)
+    dsmod.set_lr(w.optimizer, lr, cfg)
     accum = cfg.grad_accum
     loss_sum = None
     gnorm = float("nan")

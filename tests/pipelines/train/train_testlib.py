@@ -125,14 +125,21 @@ def reference_losses(cfg, steps: int) -> dict[int, float]:
     model_cfg = cfg.model_config(vocab_size=int(ds.manifest["vocab_size"]), block_size=ds.block_size)
     model = build_model(cfg, model_cfg, None)
     o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    if o.name == "muon":  # the trainer's optimizer class (its parity with torch.optim.Muon: test_muon.py)
+        from pipelines.train.muon import MuonAdamW, muon_adamw_groups
+
+        opt = MuonAdamW(muon_adamw_groups(model, weight_decay=o.weight_decay, lr=o.lr, muon_lr=o.muon_lr,
+                                          momentum=o.muon_momentum, ns_steps=o.muon_ns_steps),
+                        betas=(o.beta1, o.beta2), eps=o.eps)
+    else:
+        opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     accum = cfg.grad_accum * cfg.num_workers  # all ranks' micro batches, in one process
     stream = TrainStream(ds.split_rows("train"), seed=cfg.seed, micro_batch=cfg.batch.micro_batch_size,
                          grad_accum=accum, world=1, rank=0)
     out = {}
     for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
+        for g in opt.param_groups:  # Muon's groups: the same schedule, scaled to muon_lr (written out here)
+            g["lr"] = lr_at(cfg, step) * (o.muon_lr / o.lr if g.get("muon") else 1.0)
         tot = 0.0
         for m in range(accum):
             x, y, _ = stream.micro_batch(step, m)
