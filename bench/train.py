@@ -690,7 +690,8 @@ def startup_bench(a, ap) -> None:
 
     if a.what == "cold" and not a.nanogpt:
         ap.error("cold needs --nanogpt DIR (a nanoGPT checkout)")
-    start = print_conditions(f"train-{a.what}", threads={"raygpt worker": 2, "nanogpt": 2})
+    threads = {"raygpt worker": 2} if a.what == "fast" else {"raygpt worker": 2, "nanogpt": 2}
+    start = print_conditions(f"train-{a.what}", threads=threads)
     if a.what == "overhead":
         out = train_startup.overhead(DATA, a.repeats, a.compile, overrides=a.overrides)
     elif a.what == "fast":

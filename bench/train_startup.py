@@ -143,9 +143,9 @@ def nanogpt_process(root: Path, name: str) -> dict:
     return {**r, "val_loss": float(vals[-1][1]) if vals else None}
 
 
-# the fast recipe as it was before optim.name=muon (sessions 8-15): AdamW only, 560 steps, evaluation every 70
-FAST_ADAMW = ["optim.name=adamw", "optim.lr=5e-3", "optim.min_lr=5e-4", "max_steps=560", "optim.decay_steps=560",
-              "eval_interval=70", "model.activation=gelu_tanh"]
+# the fast recipe as it was before optim.name=muon (sessions 8-15): 2 x 192, AdamW only, 560 steps, evaluation every 70
+FAST_ADAMW = ["optim.name=adamw", "model.n_embd=192", "model.activation=gelu_tanh", "max_steps=560",
+              "optim.decay_steps=560", "eval_interval=70"]
 
 
 def fast(data: Path, repeats: int, overrides: list[str]) -> dict:

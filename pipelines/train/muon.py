@@ -30,17 +30,20 @@ NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # the quintic of Muon's reference im
 
 
 def newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype, eps: float = 1e-7) -> torch.Tensor:
-    """~U V^T of g = U S V^T: singular values pushed into roughly [0.7, 1.2], in `dtype`. (rows, cols) -> same."""
+    """~U V^T of g = U S V^T: singular values pushed into roughly [0.7, 1.2], in `dtype`. (..., rows, cols) ->
+    same; a stack (n, rows, cols) is n independent matrices in one batched product per iteration."""
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
-    tall = g.size(0) > g.size(1)
+    tall = g.size(-2) > g.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix x @ x.T is then the small one
-        x = x.T
-    x = x.div(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1: inside NS's convergence region
+        x = x.mT
+    # spectral norm <= Frobenius norm <= 1: inside NS's convergence region
+    x = x.div(torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps))
+    mm = torch.addmm if x.dim() == 2 else torch.baddbmm
     for _ in range(steps):
-        gram = x @ x.T  # (r, r)
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT  # (..., r, r)
+        x = mm(x, mm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -108,6 +111,10 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, g: dict[str, Any], params: list[torch.Tensor]) -> None:
         lr, mom = g["lr"], g["momentum"]
+        # momentum + nesterov per matrix; then Newton-Schulz on stacks of same-shaped updates (in the wide
+        # orientation: c_fc's (4C, C) joins c_proj's (C, 4C)), one batched product per iteration and stack
+        # instead of one per matrix: a 2 x 128 model's 8 small products a step cost less than half as batched
+        stacks: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, bool]]] = {}
         for p in params:
             st = self.state[p]
             if "momentum_buffer" not in st:
@@ -115,11 +122,19 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = st["momentum_buffer"]
             buf.lerp_(p.grad, 1 - mom)
             update = p.grad.lerp(buf, mom) if g["nesterov"] else buf
+            tall = p.size(0) > p.size(1)
+            wide = update.mT if tall else update
             dtype = self.ns_dtype or (torch.bfloat16 if native_bf16(p.device) else torch.float32)
-            update = newton_schulz(update, g["ns_steps"], dtype)
-            p.mul_(1 - lr * g["weight_decay"])
-            # shape scaling as torch's default (adjust_lr_fn="original"): tall matrices step further
-            p.add_(update, alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
+            stacks.setdefault((tuple(wide.shape), p.device, dtype), []).append((p, wide, tall))
+        for (_, _, dtype), items in stacks.items():
+            if len(items) == 1:
+                outs = [newton_schulz(items[0][1], g["ns_steps"], dtype)]
+            else:
+                outs = list(newton_schulz(torch.stack([w for _, w, _ in items]), g["ns_steps"], dtype).unbind(0))
+            for (p, _, tall), o in zip(items, outs):
+                p.mul_(1 - lr * g["weight_decay"])
+                # shape scaling as torch's default (adjust_lr_fn="original"): tall matrices step further
+                p.add_(o.mT if tall else o, alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
 
     def _adamw_step(self, g: dict[str, Any], params: list[torch.Tensor]) -> None:
         exp_avgs, exp_avg_sqs, steps = [], [], []

@@ -92,6 +92,15 @@ def test_newton_schulz_in_fp32_flattens_the_spectrum(shape):
     assert torch.allclose(out.double(), newton_schulz(g, 5, torch.float64), atol=1e-4)
 
 
+def test_a_stack_is_its_matrices_one_by_one():
+    """The optimizer stacks same-shaped updates (tall ones transposed to wide) into one batched iteration."""
+    torch.manual_seed(1)
+    gs = torch.randn(3, 16, 40)
+    one_by_one = torch.stack([newton_schulz(g, 5, torch.float32) for g in gs])
+    assert torch.allclose(newton_schulz(gs, 5, torch.float32), one_by_one, atol=1e-6)
+    assert torch.allclose(newton_schulz(gs.mT, 5, torch.float32), one_by_one.mT, atol=1e-6)
+
+
 def test_state_dict_round_trip_continues_exactly():
     """What DeepSpeed's checkpoint stores (state_dict) restores both halves' state: momentum buffers, Adam
     moments and step counts."""
