@@ -89,3 +89,28 @@ def test_engine_bf16_on_cuda_runs():
     out = Engine(_tiny_model().eval(), device="cuda", dtype=torch.bfloat16).generate([[1, 2, 3]],
                                                                                     SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_muon_on_cuda_runs_newton_schulz_in_bf16_and_tracks_torch_muon():
+    """optim.name=muon on a GPU: Newton-Schulz in bf16 (native there), close to torch.optim.Muon + AdamW (batched
+    cuBLAS products may round differently from one-by-one ones, hence a tolerance rather than bit equality)."""
+    import torch
+
+    from pipelines.train.muon import MuonAdamW, muon_adamw_groups, native_bf16
+
+    assert native_bf16(torch.device("cuda")) == torch.cuda.is_bf16_supported()
+    ours, ref = _tiny_model().cuda(), _tiny_model().cuda()
+    opt = MuonAdamW(muon_adamw_groups(ours, weight_decay=0.1, lr=1e-3, muon_lr=0.02), fused=True)
+    g = muon_adamw_groups(ref, weight_decay=0.1, lr=1e-3, muon_lr=0.02)
+    torch_opts = [torch.optim.Muon(g[0]["params"], lr=0.02, weight_decay=0.1),
+                  torch.optim.AdamW([{"params": x["params"], "weight_decay": x["weight_decay"]} for x in g[1:]],
+                                    lr=1e-3, betas=(0.9, 0.95), fused=True)]
+    x = torch.randint(0, ours.config.vocab_size, (4, 32), device="cuda")
+    for model, opts in ((ours, [opt]), (ref, torch_opts)):
+        for _ in range(5):
+            model(x, x)[1].backward()
+            for o in opts:
+                o.step()
+                o.zero_grad(set_to_none=True)
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=2e-3), (name, (p - q).abs().max().item())
