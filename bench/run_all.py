@@ -34,6 +34,7 @@ BENCHES = {
     "train-a": ("train", ["a", "--repeats", "3"]),
     "train-b": ("train", ["b-sliced", "--rounds", "10"]),
     "train-c": ("train", ["c", "--repeats", "3"]),
+    "train-fast": ("train", ["fast", "--repeats", "3"]),  # the fast recipe cold, against its AdamW form (issue 17)
     "batch_generate": ("batch_generate", ["--prompts", "2000", "--repeats", "3"]),
     "serve": ("serve", ["--rounds", "3"]),
 }
