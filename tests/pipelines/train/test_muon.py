@@ -177,3 +177,19 @@ def test_trainer_runs_muon_like_a_plain_loop_and_resumes_exactly(ray_session, ch
     got = train_losses(rd)
     assert sorted(got) == list(range(1, 9))
     assert all(abs(got[s] - want[s]) <= 1e-6 for s in range(1, 9)), (got, want)
+
+
+@pytest.mark.slow
+def test_two_workers_data_parallel_match_one_process(ray_session, char_data, tmp_path):
+    """2 Ray Train workers, ZeRO-0: DeepSpeed averages the gradients, then each rank takes the same Muon step;
+    the losses are one process's over the same global batch (up to the all-reduce's summation order)."""
+    from pipelines.train.trainer import run
+
+    kw = {"num_workers": 2, "zero_stage": 0, "launcher": "ray", "max_steps": 8, "ckpt_interval": 0,
+          "eval_interval": 0, "optim.decay_steps": 16, "optim.name": "muon", "optim.muon_lr": 0.05}
+    res = run(base_config(char_data, tmp_path / "dp", **kw))
+    assert res.extra["launcher"] == "ray" and res.steps == 8
+    got = train_losses(tmp_path / "dp")
+    ref = reference_losses(base_config(char_data, tmp_path / "plain", **kw), 8)
+    assert got[8] < got[1] - 0.3, got
+    assert max(abs(got[s] - ref[s]) for s in range(1, 9)) < 1e-5, (got, ref)
