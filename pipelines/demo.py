@@ -72,8 +72,8 @@ class DemoConfig:
     # demo trains, so one worker gets every core (measured, 2 cores: 367 vs 587 ms per step with 1 thread)
     torch_threads: int = 0
     zero_stage: int = 1
-    # auto: bf16 autocast where the CPU runs bf16 natively (AVX512-BF16 / AMX), fp32 elsewhere (an AVX2-only
-    # CPU refuses precision=bf16: emulated bf16 would be slower than fp32)
+    # auto: bf16 autocast where bf16 matmuls measure >= 1.25x fp32 on this CPU (AMX), fp32 elsewhere (an
+    # AVX2-only CPU refuses precision=bf16: emulated bf16 would be slower than fp32)
     precision: str = "auto"
     max_new_tokens: int = 40
     # summaries: greedy (num_beams 1) or beam search, with copy_bias (logits added to the docstring's tokens;

@@ -173,9 +173,10 @@ def _device_key(device: str, threads: int, dtype: str) -> str:
     return f"{name}|{device.split(':')[0]}|threads={threads}|{dtype}"
 
 
-def measure_matmul_flops(dtype: str = "fp32", device: str = "cpu", n: int = 1024, seconds: float = 0.3,
-                         trials: int = 5) -> float:
-    """Best dense square-matmul FLOP/s over a few timed trials (2 n^3 FLOPs per product)."""
+def measure_matmul_flops(dtype: str = "fp32", device: str = "cpu", n: int = 1024, seconds: float = 0.1,
+                         trials: int = 3) -> float:
+    """Best dense square-matmul FLOP/s over a few timed trials (2 n^3 FLOPs per product). ~0.3 s: it runs once
+    per machine (cached by peak_flops) but that once is on a cold run's path to the first step."""
     import torch
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]

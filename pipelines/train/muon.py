@@ -11,7 +11,7 @@ the 2-D weights inside the blocks: embeddings, biases and LayerNorm gains keep A
 Why not torch.optim.Muon as it is: its Newton-Schulz runs in bf16, which a CPU without AVX512-BF16 / AMX
 emulates ~40x slower than fp32 (a 2 x 192 model's 8 matrices: 1.5 s a step in bf16, 37 ms in fp32, on the
 AMD EPYC host; the whole step is ~145 ms). This class runs the same update with the iteration in bf16 where the device runs bf16 natively and
-in fp32 elsewhere; with `ns_dtype=torch.bfloat16` it matches torch.optim.Muon's step to the bit
+faster than fp32 (measured on a CPU), and in fp32 elsewhere; with `ns_dtype=torch.bfloat16` it matches torch.optim.Muon's step to the bit
 (tests/pipelines/train/test_muon.py). The AdamW half calls torch's own functional AdamW (fused on request).
 Why one optimizer and not two: DeepSpeed takes one client optimizer, and its checkpoint saves that one's
 state_dict. Does not: work under ZeRO >= 1 or DeepSpeed's bf16 / fp16 optimizers (they hand the optimizer
@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 from torch.optim.adam import adam as _functional_adam
+
+from pipelines.train.deepspeed import BF16_MIN_SPEEDUP, cpu_bf16_speedup
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # the quintic of Muon's reference implementation (and torch's)
 
@@ -47,13 +49,12 @@ def newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype, eps: float = 
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively here (then Newton-Schulz runs in bf16, as Muon's authors do)."""
+    """Whether bf16 matmuls run natively and faster than fp32 here (then Newton-Schulz runs in bf16, as Muon's
+    authors do). On a CPU this is measured (pipelines/train/deepspeed.py cpu_bf16_speedup): a flag for
+    AVX512-BF16 does not promise that oneDNN's bf16 is the faster one."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # an older or differently built torch: fp32 is always right
-        return False
+    return cpu_bf16_speedup(torch.get_num_threads()) >= BF16_MIN_SPEEDUP
 
 
 def is_muon_param(name: str, p: torch.Tensor) -> bool:
@@ -95,7 +96,7 @@ class MuonAdamW(torch.optim.Optimizer):
                         betas=betas, eps=eps)
         super().__init__(groups, defaults)
         self.fused = fused
-        self.ns_dtype = ns_dtype  # None: bf16 where the parameters' device runs it natively, else fp32
+        self.ns_dtype = ns_dtype  # None: bf16 where native_bf16(the parameters' device), else fp32
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]

@@ -98,10 +98,31 @@ def test_compile_on_cpu_without_a_cpp_compiler_fails_before_any_worker(tmp_path)
 
 
 def test_precision_auto_is_accepted_and_resolved_per_device():
-    from pipelines.train.deepspeed import auto_precision, cpu_bf16_ok
+    import torch
+
+    from pipelines.train.deepspeed import BF16_MIN_SPEEDUP, auto_precision, cpu_bf16_ok, cpu_bf16_speedup
 
     assert _cfg(precision="auto").precision == "auto"
-    assert auto_precision(use_gpu=False) == ("bf16" if cpu_bf16_ok() else "fp32")
+    speedup = cpu_bf16_speedup(torch.get_num_threads())
+    # measured, not read off CPU flags: bf16 only where oneDNN has it AND it beats fp32 by the margin
+    assert auto_precision(use_gpu=False) == ("bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32")
+    if not cpu_bf16_ok():
+        assert speedup == 0.0 and auto_precision(use_gpu=False) == "fp32"
+    else:
+        assert speedup > 0.0
+
+
+def test_bf16_speedup_measures_real_matmuls_and_restores_the_thread_count():
+    import torch
+
+    from pipelines.train.deepspeed import cpu_bf16_ok, cpu_bf16_speedup
+
+    if not cpu_bf16_ok():
+        pytest.skip("this CPU has no bf16 matmul support (AVX512-BF16 / AMX): the speedup is 0 by definition")
+    before = torch.get_num_threads()
+    r = cpu_bf16_speedup(1, n=128, trials=3)  # a new cache key: really measured
+    assert torch.get_num_threads() == before
+    assert 0.0 < r < 100.0
 
 
 def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
