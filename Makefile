@@ -3,19 +3,24 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+TORCH := 2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
 .PHONY: demo test test-fast test-gpu lint bench setup clean
 
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	# torch first, from the pin, so nothing below can resolve a CUDA build
-	$(BIN)/pip install -q torch==2.13.0 -c constraints.txt
-	# deepspeed builds from source and imports torch at build time: build it against ours
-	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8 -c constraints.txt
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
-	rm -f $(VENV)/.installed-*; touch $@
+	@echo "set-up: installing torch $(TORCH) (CPU build), deepspeed, ray and the test tools into $(VENV) (about 2 min, once)"
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@# -qq: errors only (pip's warnings about the machine's own index settings and setuptools' deprecation
+	@# notices from deepspeed's build would otherwise be most of a newcomer's first screen)
+	@$(BIN)/pip install -qq --upgrade pip setuptools wheel
+	@# torch first, from the pin, so nothing below can resolve a CUDA build
+	@$(BIN)/pip install -qq torch==$(TORCH) -c constraints.txt
+	@# deepspeed builds from source and imports torch at build time: build it against ours
+	@$(BIN)/pip install -qq --no-build-isolation deepspeed==0.19.8 -c constraints.txt
+	@$(BIN)/pip install -qq -c constraints.txt -e '.[test]'
+	@echo "set-up: done ($(VENV))"
+	@rm -f $(VENV)/.installed-*; touch $@
 
 setup: $(STAMP)
 

@@ -81,7 +81,7 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     if not args.dtypes:
-        from pipelines.train.deepspeed import cpu_bf16_ok
+        from pipelines.train.bf16 import cpu_bf16_ok
 
         args.dtypes = "float32,bfloat16" if cpu_bf16_ok() else "float32"
         if args.dtypes == "float32":

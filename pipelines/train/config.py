@@ -120,8 +120,12 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer state + step on CPU (DeepSpeedCPUAdam, JIT-built)
     offload_params: bool = False  # ZeRO 3: parameters on CPU
     # fp32 | bf16 (GPU: DeepSpeed bf16; CPU: torch.autocast bf16, needs AVX512-BF16/AMX) | fp16 (GPU only)
-    # | auto: bf16 where the worker's device supports it (CUDA bf16; oneDNN bf16 on the CPU), else fp32
+    # | auto: bf16 where the worker's device supports it (CUDA bf16) or, on a CPU, where bf16 matmuls measure
+    # >= 1.25x fp32's speed (AMX; some AVX512-BF16 CPUs run oneDNN's bf16 slower than fp32), else fp32
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    # CPU workers keep freed large buffers for the next step instead of unmapping them (glibc; one page fault
+    # per 4 KiB otherwise, every step: 1.16x the demo's step; pipelines/train/malloc.py); false: glibc defaults
+    malloc_reuse: bool = True
     compile: bool = False  # torch.compile the model (first steps pay the compile time; CPU: needs a C++ compiler)
     seed: int = 1337
     num_workers: int = 1

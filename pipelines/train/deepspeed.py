@@ -19,12 +19,12 @@ needs no scheduler state). Does not: call ray.train (loop.py does), or save chec
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import os
 from typing import Any
 
 from pipelines.train import shm_collectives
+from pipelines.train.bf16 import BF16_MIN_SPEEDUP, cpu_bf16_speedup
 from pipelines.train.config import TrainConfig
 
 NEVER = 10**9  # steps_per_print: DeepSpeed's own step logging is replaced by ours
@@ -80,53 +80,6 @@ def ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         c["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
                                                       "weight_decay": o.weight_decay}}
     return deep_merge(c, cfg.ds_config_override or {})
-
-
-def cpu_bf16_ok() -> bool:
-    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX512-BF16 or AMX)."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
-
-
-BF16_MIN_SPEEDUP = 1.25  # bf16 must beat fp32 by this much to be chosen: a margin against timing noise
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_bf16_speedup(threads: int, n: int = 512, trials: int = 5) -> float:
-    """bf16 / fp32 matmul speed on this CPU at `threads` threads, measured (~20 ms; once per process).
-
-    Why measure instead of reading CPU flags: a CPU (or a VM's view of it) can report AVX512-BF16 while
-    oneDNN's bf16 kernels run at half fp32's speed (seen on an Intel Xeon VM with AVX512-BF16 and no AMX
-    exposed: 160 vs 320 GFLOP/s, and the nanoGPT recipe's step 1.7x slower under bf16 autocast). Where AMX
-    runs bf16 the ratio is several x, where bf16 is emulated it is ~1/40: the margin decides, not noise.
-    Returns 0.0 where bf16 matmuls are not supported at all."""
-    import time
-
-    import torch
-
-    if not cpu_bf16_ok():
-        return 0.0
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        best = {}
-        for dt in (torch.float32, torch.bfloat16):
-            a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-            for _ in range(2):
-                a @ b
-            t = math.inf
-            for _ in range(trials):
-                t0 = time.perf_counter()
-                a @ b
-                t = min(t, time.perf_counter() - t0)
-            best[dt] = t
-        return best[torch.float32] / best[torch.bfloat16]
-    finally:
-        torch.set_num_threads(before)
 
 
 def auto_precision(use_gpu: bool) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.optim.adam import adam as _functional_adam
 
-from pipelines.train.deepspeed import BF16_MIN_SPEEDUP, cpu_bf16_speedup
+from pipelines.train.bf16 import BF16_MIN_SPEEDUP, cpu_bf16_speedup
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # the quintic of Muon's reference implementation (and torch's)
 
@@ -50,7 +50,7 @@ def newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype, eps: float = 
 
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively and faster than fp32 here (then Newton-Schulz runs in bf16, as Muon's
-    authors do). On a CPU this is measured (pipelines/train/deepspeed.py cpu_bf16_speedup): a flag for
+    authors do). On a CPU this is measured (pipelines/train/bf16.py): a flag for
     AVX512-BF16 does not promise that oneDNN's bf16 is the faster one."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())

@@ -32,9 +32,10 @@ from pipelines.config import ConfigError, config_hash, to_dict
 from pipelines.errors import UserError
 from pipelines.runtime import _free_port, ensure_ray, local_ray_started_here
 from pipelines.train import state as st
+from pipelines.train.bf16 import cpu_bf16_ok
 from pipelines.train.config import RESUMABLE_CHANGES, TrainConfig
 from pipelines.train.data import check_compatible, open_dataset
-from pipelines.train.deepspeed import cpu_bf16_ok, ds_config, release_process_group
+from pipelines.train.deepspeed import ds_config, release_process_group
 from pipelines.train.loop import train_loop_per_worker
 from pipelines.train.metrics import plot_loss_curve, read_metrics
 from pipelines.train.phases import MARKS, phase_seconds, process_start

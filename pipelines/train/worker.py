@@ -34,6 +34,7 @@ from pipelines.train import deepspeed as dsmod
 from pipelines.train import state as st
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import EvalSet, TrainStream, has_val, open_dataset
+from pipelines.train.malloc import keep_freed_buffers
 from pipelines.train.metrics import MetricsLogger, peak_flops
 
 PID_FILE = "rank_{rank}.pid"  # in cfg.testing.pid_dir (test hook: failure drills kill a rank by pid)
@@ -188,6 +189,8 @@ def _process_setup(cfg: TrainConfig, local_rank: int):
     torch.set_num_threads(cfg.threads())
     if not cfg.use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is imported
+        if cfg.malloc_reuse:
+            keep_freed_buffers()
     device = torch.device(f"cuda:{local_rank}" if cfg.use_gpu else "cpu")
     if cfg.use_gpu:
         torch.cuda.set_device(device)
@@ -203,8 +206,6 @@ def setup_worker(payload: dict[str, Any], rank: int, world: int, local_rank: int
     from gptcore.config import GPTConfig
 
     cfg: TrainConfig = from_dict(TrainConfig, payload["config"])
-    if cfg.precision == "auto":  # resolved here: the worker's own device decides (a driver may have none)
-        cfg = dataclasses.replace(cfg, precision=dsmod.auto_precision(cfg.use_gpu))
     model_cfg = GPTConfig.from_dict(payload["model_config"])
     run_dir = Path(payload["run_dir"])
     dist = Dist(world)
@@ -213,6 +214,8 @@ def setup_worker(payload: dict[str, Any], rank: int, world: int, local_rank: int
         record_pid(cfg.testing.pid_dir, rank)
     timeline = {"driver_start": payload.get("driver_start"), "worker_start": time.time()}
     device = _process_setup(cfg, local_rank)
+    if cfg.precision == "auto":  # resolved here, at the worker's thread count: its own device decides
+        cfg = dataclasses.replace(cfg, precision=dsmod.auto_precision(cfg.use_gpu))
     dsmod.import_deepspeed(cfg)  # here rather than in build_engine: its import time is a phase of its own
     timeline["imports_done"] = time.time()
 

@@ -100,7 +100,8 @@ def test_compile_on_cpu_without_a_cpp_compiler_fails_before_any_worker(tmp_path)
 def test_precision_auto_is_accepted_and_resolved_per_device():
     import torch
 
-    from pipelines.train.deepspeed import BF16_MIN_SPEEDUP, auto_precision, cpu_bf16_ok, cpu_bf16_speedup
+    from pipelines.train.bf16 import BF16_MIN_SPEEDUP, cpu_bf16_ok, cpu_bf16_speedup
+    from pipelines.train.deepspeed import auto_precision
 
     assert _cfg(precision="auto").precision == "auto"
     speedup = cpu_bf16_speedup(torch.get_num_threads())
@@ -115,7 +116,7 @@ def test_precision_auto_is_accepted_and_resolved_per_device():
 def test_bf16_speedup_measures_real_matmuls_and_restores_the_thread_count():
     import torch
 
-    from pipelines.train.deepspeed import cpu_bf16_ok, cpu_bf16_speedup
+    from pipelines.train.bf16 import cpu_bf16_ok, cpu_bf16_speedup
 
     if not cpu_bf16_ok():
         pytest.skip("this CPU has no bf16 matmul support (AVX512-BF16 / AMX): the speedup is 0 by definition")
