@@ -50,6 +50,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from common import print_conditions, record  # noqa: E402 - bench/ is not a package
+
 SHARED = Path(os.environ.get("RAYGPT_SHARED_DATA", REPO.parent / "shared" / "data"))
 FALLBACK_TEXT = ("To be, or not to be, that is the question: whether tis nobler in the mind to suffer the slings "
                  "and arrows of outrageous fortune, or to take arms against a sea of troubles. ") * 50
@@ -295,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="where requests go: the serve.start port (HAProxy or Serve's proxy) or the "
                          "replica's own direct-ingress HTTP port")
     args = ap.parse_args(argv)
+    start = print_conditions("serve", {"engine (offline and replica)": args.threads})
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     serve_env = {}
     for kv in args.serve_env:
@@ -439,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     h50 = statistics.median(b for _, b in pairs_lat)
     over = statistics.median((b - a) for a, b in pairs_lat)
     print(f"goal 1: offline engine {off16:.0f} tok/s at batch 16, serve@16 {srv16:.0f} tok/s; median of "
-          f"{len(pairs_tps)} back-to-back ratios serve/offline = {ratio:.2f} (goal >= 0.8)")
+          f"{len(pairs_tps)} back-to-back ratios serve/offline = {ratio:.2f} (goal >= 0.8; issue 17: >= 0.95)")
     print(f"goal 2: direct engine call p50 {d50 * 1e3:.1f} ms, serve@1 request p50 {h50 * 1e3:.1f} ms; median of "
           f"{len(pairs_lat)} back-to-back differences = {over * 1e3:.1f} ms (goal < 10 ms); for reference "
           f"GET /health p50 {statistics.median(health) * 1e3:.1f} ms (the ingress round trip alone)")
@@ -456,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CPU ms per request at 16 clients ({cpu_requests} requests): " +
               ", ".join(f"{r} {v:.1f}" for r, v in per.items()) + f"; total {sum(per.values()):.1f} "
               f"(offline engine: {statistics.median(offline_cpu) * 1e3:.1f} ms per request at batch 16)")
+    record("serve", {"serve16_over_offline16": ratio, "serve1_minus_direct_ms": over * 1e3,
+                     "latency_minus_engine_ms_httpx": statistics.median(outside) * 1e3 if outside else None,
+                     "latency_minus_engine_ms_one_socket": (statistics.median(outside_raw) * 1e3
+                                                            if outside_raw else None)}, start)
     if args.markdown:
         print("\n| clients | tokens/s | p50 latency ms | p99 latency ms | streaming tokens/s | TTFT p50 ms |\n"
               "|---:|---:|---:|---:|---:|---:|")
