@@ -225,4 +225,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import run_main  # bench/ is not a package: its folder goes on sys.path
+
+    sys.exit(run_main("batch_generate", main))

@@ -95,3 +95,12 @@ def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t)
     return 2 * n * 4 / best / 1e9
+
+
+def run_main(name: str, main: Any, threads: dict[str, int] | None = None) -> int:
+    """A benchmark script's entry point: the load and CPU before, main(), the load after (summary.json)."""
+    start = print_conditions(name, threads)
+    rc = main()
+    record(name, {"exit": rc or 0}, start)
+    return int(rc or 0)
+

@@ -446,4 +446,7 @@ def write_md(mbs: float, repeats: int, peer: float, summary: dict, argv: str, lo
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import run_main  # bench/ is not a package: its folder goes on sys.path
+
+    sys.exit(run_main("prep", main))

@@ -109,4 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import run_main  # bench/ is not a package: its folder goes on sys.path
+
+    sys.exit(run_main("tokenizer", main))
